@@ -1,0 +1,33 @@
+# m2d2 developer entry points. `make test` is what CI runs (via .ci/run).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.m2d2-installed
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install test lint constraints clean
+
+# (Re)install when the dependency spec or the pins change. pip, not uv/poetry: only pip sees the
+# machine's local torch wheels (see README "Installation").
+$(STAMP): pyproject.toml constraints/cpu.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints/cpu.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: lint
+	$(PY) -m pytest -q
+
+# Refresh the exact CPU pins from the current venv (after changing pyproject ranges).
+constraints: $(STAMP)
+	{ sed -n '1,2p' constraints/cpu.txt; $(PY) -m pip freeze --exclude-editable | grep -vi '^m2d2'; } > constraints/cpu.txt.new
+	mv constraints/cpu.txt.new constraints/cpu.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

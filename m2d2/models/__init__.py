@@ -1,0 +1,44 @@
+"""M2D2 model core: ViT audio encoder, M2D heads (predictor, EMA target), CLAP branch, configs."""
+
+from m2d2.models.clap import AudioProjector, ClipLoss, scale_grad
+from m2d2.models.config import (
+    ClapConfig,
+    EncoderConfig,
+    M2D2Config,
+    M2DConfig,
+    OfflineTextConfig,
+    PredictorConfig,
+    ProjectorConfig,
+    TextConfig,
+    TransformersTextConfig,
+)
+from m2d2.models.encoder import AudioEncoder
+from m2d2.models.m2d import Predictor, TargetEncoder, ema_decay, norm_mse_loss
+from m2d2.models.masking import PatchMask, no_mask, random_structured_mask, random_unstructured_mask
+from m2d2.models.model import M2D2, TRAINABLE
+
+__all__ = [
+    "TRAINABLE",
+    "AudioEncoder",
+    "AudioProjector",
+    "ClapConfig",
+    "ClipLoss",
+    "EncoderConfig",
+    "M2D2",
+    "M2D2Config",
+    "M2DConfig",
+    "OfflineTextConfig",
+    "PatchMask",
+    "Predictor",
+    "PredictorConfig",
+    "ProjectorConfig",
+    "TargetEncoder",
+    "TextConfig",
+    "TransformersTextConfig",
+    "ema_decay",
+    "no_mask",
+    "norm_mse_loss",
+    "random_structured_mask",
+    "random_unstructured_mask",
+    "scale_grad",
+]

