@@ -6,7 +6,7 @@ STAMP := $(VENV)/.m2d2-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test lint constraints clean
+.PHONY: install test lint demo mlflow-ui constraints clean
 
 # (Re)install when the dependency spec or the pins change. pip, not uv/poetry: only pip sees the
 # machine's local torch wheels (see README "Installation").
@@ -23,6 +23,18 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -q
+
+# The whole pipeline on the embedded default: generated corpus, demo model, CPU, ./runs, sqlite:///mlflow.db.
+demo: $(STAMP)
+	$(VENV)/bin/pyflyte run workflows/full.py full
+	@echo
+	@$(VENV)/bin/m2d2 summary --data-root runs
+	@echo
+	@echo "Outputs: ./runs (corpus, features, caption vectors, stage1/stage2 checkpoints and exports)"
+	@echo "Browse every run:  make mlflow-ui   (= $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db)"
+
+mlflow-ui: $(STAMP)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 # Refresh the exact CPU pins from the current venv (after changing pyproject ranges).
 constraints: $(STAMP)

@@ -64,7 +64,8 @@ class M2D2(nn.Module):
         else:
             text_dim = config.text.offline.dim
         self.text_proj = self._make_text_proj(text_dim)
-        self.logit_scale = nn.Parameter(torch.tensor(config.clap.logit_scale_init))
+        # Shape (1,), not the reference's 0-dim: DeepSpeed's parameter broadcast cannot view a 0-dim tensor as bytes.
+        self.logit_scale = nn.Parameter(torch.tensor([config.clap.logit_scale_init]))
         self.predictor = Predictor(config.encoder, config.predictor) if with_m2d else None
         self.target = TargetEncoder(config.encoder) if with_m2d else None
         self.clip_loss = ClipLoss(config.clap.local_loss, config.clap.feature_grad_scale)
@@ -193,7 +194,10 @@ class M2D2(nn.Module):
         self.config.norm_mean, self.config.norm_std = float(mean), float(std)
 
     def normalize(self, lms: torch.Tensor) -> torch.Tensor:
-        return (lms - self.norm_stats[0]) / self.norm_stats[1]
+        """``(lms - mean) / std`` in at least float32, then cast to the encoder's dtype (bf16 under DeepSpeed)."""
+        stats = self.norm_stats.float() if self.norm_stats.dtype in (torch.float16, torch.bfloat16) else self.norm_stats
+        x = (lms.to(stats.dtype) - stats[0]) / stats[1]
+        return x.to(self.encoder.patch_embed.proj.weight.dtype)
 
     def to_log_mel(self, wave: torch.Tensor) -> torch.Tensor:
         """Raw log-mel ``[B, n_mels, T]`` of 16-kHz waveforms ``[B, S]`` (or ``[S]``)."""

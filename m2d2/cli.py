@@ -1,0 +1,106 @@
+"""``m2d2`` command line: embed audio files, zero-shot classify them, and show the last pipeline summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+SUMMARY_FILE = "latest-summary.json"
+
+
+def _load(model_dir: str):
+    from m2d2.models import M2D2
+
+    return M2D2.from_pretrained(model_dir).eval()
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from m2d2.audio import load_audio
+
+    model = _load(args.model)
+    for path in args.files:
+        wave = load_audio(path)[None]
+        with torch.inference_mode():
+            out = model.encode_clap_audio(wave) if args.kind == "clap" else (
+                model.encode_frames(wave) if args.kind == "frames" else model.encode_clip(wave))
+        array = out[0].numpy()
+        if args.out:
+            target = Path(args.out) / (Path(path).stem + f".{args.kind}.npy")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            np.save(target, array)
+            print(f"{path}: {args.kind} {tuple(array.shape)} -> {target}")
+        else:
+            print(f"{path}: {args.kind} {tuple(array.shape)}")
+    return 0
+
+
+def cmd_zeroshot(args: argparse.Namespace) -> int:
+    import torch
+    import torch.nn.functional as F
+
+    from m2d2.audio import load_audio
+
+    model = _load(args.model)
+    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+    prompts = [args.template.format(label) for label in labels]
+    with torch.inference_mode():
+        text = F.normalize(model.encode_clap_text(prompts), dim=-1)
+        for path in args.files:
+            audio = F.normalize(model.encode_clap_audio(load_audio(path)[None]), dim=-1)
+            scores = (audio @ text.T)[0]
+            best = scores.argsort(descending=True)[: args.top]
+            ranked = ", ".join(f"{labels[i]} ({scores[i]:.3f})" for i in best.tolist())
+            print(f"{path}: {ranked}")
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    path = Path(args.data_root) / SUMMARY_FILE
+    if not path.exists():
+        print(f"no pipeline summary at {path}; run `make demo` first", file=sys.stderr)
+        return 1
+    summary = json.loads(path.read_text())
+    metrics = summary["metrics"]
+    print(f"MLflow parent run: {summary['mlflow_parent_run_id']}  (tracking URI {summary.get('tracking_uri')})")
+    print(f"cache hits: {', '.join(s for s, hit in summary['cache_hits'].items() if hit) or 'none'}")
+    k = int(metrics.get("num_classes", 0))
+    print(f"zero-shot accuracy on {int(metrics.get('num_eval_clips', 0))} eval clips, {k} classes "
+          f"(chance {1 / k if k else float('nan'):.3f}):")
+    for stage in ("stage1", "stage2"):
+        base, std = metrics[f"{stage}_baseline/zs_acc"], metrics.get(f"{stage}_baseline/zs_acc_std", 0.0)
+        print(f"  {stage}: {metrics[f'{stage}/zs_acc']:.3f}   random-init baseline {base:.3f} ± {std:.3f}   "
+              f"text->audio R@1 {metrics[f'{stage}/t2a_R1']:.3f} (baseline {metrics[f'{stage}_baseline/t2a_R1']:.3f})")
+    print(f"models: {summary['stage1_model']}\n        {summary['stage2_model']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="m2d2", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    embed = sub.add_parser("embed", help="features of audio files from an exported model")
+    embed.add_argument("files", nargs="+")
+    embed.add_argument("--model", required=True, help="directory (or s3:// prefix) written by save_pretrained")
+    embed.add_argument("--kind", choices=["clip", "frames", "clap"], default="clip")
+    embed.add_argument("--out", help="write <stem>.<kind>.npy files here")
+    embed.set_defaults(func=cmd_embed)
+    zeroshot = sub.add_parser("zeroshot", help="rank labels for audio files with the CLAP branch")
+    zeroshot.add_argument("files", nargs="+")
+    zeroshot.add_argument("--model", required=True)
+    zeroshot.add_argument("--labels", required=True, help="comma-separated class labels")
+    zeroshot.add_argument("--template", default="{} can be heard")
+    zeroshot.add_argument("--top", type=int, default=3)
+    zeroshot.set_defaults(func=cmd_zeroshot)
+    summary = sub.add_parser("summary", help="headline numbers of the last pipeline execution")
+    summary.add_argument("--data-root", default="runs")
+    summary.set_defaults(func=cmd_summary)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,217 @@
+"""The pipeline's steps as plain Python: what each Flyte task of ``workflows/full.py`` calls.
+
+Every step writes under ``<data_root>/<step>/<key>``, where ``key`` hashes the step's configuration and
+inputs: a re-run with the same inputs lands in the same place (so a Flyte cache hit never points at a path
+that a later run moved), and a changed setting never overwrites another run's output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from m2d2.data.demo import DemoCorpusConfig, generate_demo_corpus
+from m2d2.data.features import FeatureConfig, LogMelStore, extract_features
+from m2d2.eval.clap import ClapEvalSet, evaluate_clap
+from m2d2.eval.metrics import mean_and_std
+from m2d2.models import M2D2, M2D2Config
+from m2d2.text.cache import CaptionEmbeddings, embed_captions
+from m2d2.tracking import StageRun
+from m2d2.train.config import TrainStageConfig, stage_preset
+
+log = logging.getLogger(__name__)
+
+PROMPT_TEMPLATE = "{} can be heard"
+
+
+@dataclass
+class CorpusSettings:
+    """Size and seed of the generated demo corpus (see :class:`m2d2.data.demo.DemoCorpusConfig`)."""
+
+    seed: int = 0
+    train_per_class: int = 48
+    eval_per_class: int = 24
+
+
+@dataclass
+class PipelineConfig:
+    """One pipeline execution: corpus, model/stage presets, where data goes, evaluation settings."""
+
+    preset: str = "demo"
+    data_root: str = "runs"
+    experiment: str = "m2d2"
+    baseline_inits: int = 5  # random initialisations averaged for each baseline
+    prompt_template: str = PROMPT_TEMPLATE
+    norm_samples: int = 5000
+    corpus: CorpusSettings = field(default_factory=CorpusSettings)
+    stage1: TrainStageConfig = field(default_factory=lambda: stage_preset("stage1", "demo"))
+    stage2: TrainStageConfig = field(default_factory=lambda: stage_preset("stage2", "demo"))
+
+    @classmethod
+    def from_preset(cls, name: str, **changes: Any) -> PipelineConfig:
+        """``demo`` (the default: minutes on a 2-core CPU) or ``smoke`` (seconds per stage, for tests)."""
+        if name == "demo":
+            cfg = cls()
+        elif name == "smoke":
+            cfg = cls(preset="smoke", baseline_inits=2, norm_samples=200,
+                      corpus=CorpusSettings(train_per_class=2, eval_per_class=20),
+                      stage1=stage_preset("stage1", "smoke"), stage2=stage_preset("stage2", "smoke"))
+        else:
+            raise ValueError(f"unknown pipeline preset {name!r}; choose 'demo' or 'smoke'")
+        return dataclasses.replace(cfg, **changes)
+
+
+def step_key(*parts: Any) -> str:
+    """Short content key of a step's settings and inputs (dataclasses and paths alike)."""
+    def plain(obj: Any) -> Any:
+        return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else str(obj)
+
+    blob = json.dumps([plain(p) for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def step_dir(cfg: PipelineConfig, step: str, *parts: Any) -> Path:
+    return Path(cfg.data_root) / step / step_key(*parts)
+
+
+def _tracked(parent_run_id: str | None, stage: str, **kwargs: Any) -> StageRun | None:
+    return StageRun(parent_run_id, stage, **kwargs) if parent_run_id else None
+
+
+# ----------------------------------------------------------------------------------------------------- data
+def build_corpus(cfg: PipelineConfig) -> Path:
+    corpus = DemoCorpusConfig(seed=cfg.corpus.seed, train_per_class=cfg.corpus.train_per_class,
+                              eval_per_class=cfg.corpus.eval_per_class)
+    out = step_dir(cfg, "corpus", corpus)
+    generate_demo_corpus(out, corpus)
+    return out
+
+
+def build_features(cfg: PipelineConfig, corpus_dir: str | Path,
+                   parent_run_id: str | None = None) -> tuple[Path, str | None]:
+    """Log-mel store of every clip + normalisation stats from training crops of the stage-1 length."""
+    crop = cfg.stage1.crop_frames or M2D2Config.preset(cfg.stage1.model_preset).encoder.input_frames
+    features = FeatureConfig(norm_crop_frames=crop, norm_samples=cfg.norm_samples, seed=cfg.corpus.seed)
+    out = step_dir(cfg, "features", features, corpus_dir)
+    run = _tracked(parent_run_id, "features", params={"features": features, "corpus": str(corpus_dir)})
+    with run or _nullcontext():
+        stats = extract_features(Path(corpus_dir) / "manifest.parquet", corpus_dir, out, features)
+        if run:
+            meta = json.loads((out / "stats.json").read_text())
+            run.log_metrics({"norm_mean": stats.mean, "norm_std": stats.std, "quarantined": meta["quarantined"],
+                             **{f"clips_{k}": v for k, v in meta["counts"].items()}}, step=0)
+            run.log_artifact(str(out / "stats.json"))
+            run.log_artifact(str(out / "quarantine.parquet"))
+    return out, (run.run_id if run else None)
+
+
+def build_caption_cache(cfg: PipelineConfig, corpus_dir: str | Path,
+                        parent_run_id: str | None = None) -> tuple[Path, str | None]:
+    """Embed every unique caption of every split, plus the zero-shot prompts, with the stage-1 text encoder."""
+    text = M2D2Config.preset(cfg.stage1.model_preset).text.offline
+    out = step_dir(cfg, "captions", text, corpus_dir, cfg.prompt_template) / "captions.parquet"
+    manifest = pq.read_table(Path(corpus_dir) / "manifest.parquet", columns=["captions", "labels"]).to_pydict()
+    captions = {c for caps in manifest["captions"] for c in caps}
+    prompts = {cfg.prompt_template.format(label.replace("_", " ")) for labels in manifest["labels"] for label in labels}
+    run = _tracked(parent_run_id, "embed", params={"text_encoder": text, "prompt_template": cfg.prompt_template})
+    with run or _nullcontext():
+        rows = embed_captions(captions | prompts, text, out)
+        if run:
+            run.log_metrics({"unique_captions": len(captions), "prompts": len(prompts), "rows": rows}, step=0)
+    return out, (run.run_id if run else None)
+
+
+# ----------------------------------------------------------------------------------------------------- evaluation
+def eval_set(feature_dir: str | Path, prompt_template: str = PROMPT_TEMPLATE) -> ClapEvalSet:
+    store = LogMelStore(feature_dir, "eval")
+    labels = [lab[0] for lab in store.labels]
+    return ClapEvalSet(lms=[torch.from_numpy(store[i]) for i in range(len(store))], labels=labels,
+                       captions=store.captions, class_names=sorted(set(labels)), prompt_template=prompt_template)
+
+
+def evaluate_stages(
+    cfg: PipelineConfig,
+    feature_dir: str | Path,
+    caption_cache: str | Path,
+    stage1_export: str | Path,
+    stage2_export: str | Path,
+    parent_run_id: str | None = None,
+) -> tuple[dict[str, float], str | None]:
+    """Zero-shot and retrieval for stage-1 and stage-2 CLAP features against random-init baselines.
+
+    Baselines keep the text side each stage starts from: stage 1 — random audio encoder, projector and text
+    map with the same offline caption vectors; stage 2 — the trained frozen stage-1 encoder with a fresh
+    projector and the untouched pretrained text encoder. Each is averaged over ``baseline_inits`` seeds.
+    """
+    data = eval_set(feature_dir, cfg.prompt_template)
+    cache = CaptionEmbeddings(caption_cache)
+
+    def offline_text(texts: list[str]) -> torch.Tensor:
+        return torch.from_numpy(cache.lookup(texts).astype(np.float32))
+
+    results: dict[str, float] = {}
+    stage1 = M2D2.from_pretrained(str(stage1_export))
+    cache.check_encoder(stage1.config.text.offline)
+    _put(results, "stage1", evaluate_clap(stage1, data, text_embedder=offline_text))
+    baselines = []
+    for k in range(cfg.baseline_inits):
+        torch.manual_seed(10_000 + k)
+        random_model = M2D2(stage1.config, with_m2d=False)
+        baselines.append(evaluate_clap(random_model, data, text_embedder=offline_text))
+    _put(results, "stage1_baseline", mean_and_std(baselines))
+    stage2 = M2D2.from_pretrained(str(stage2_export))
+    _put(results, "stage2", evaluate_clap(stage2, data))
+    # Stage-2 baselines differ only in the fresh projector: the frozen encoder and the untouched pretrained text
+    # encoder are the same for every seed, so the text vectors are computed once and each seed re-draws the projector.
+    fresh = M2D2.from_pretrained(str(stage1_export))
+    fresh.start_stage2(M2D2Config.preset(cfg.stage2.model_preset).text.encoder)
+    texts = sorted({c for caps in data.captions for c in caps} | set(data.prompts()))
+    with torch.inference_mode():
+        raw = torch.cat([fresh.text_encoder(texts[i : i + 64]) for i in range(0, len(texts), 64)])
+    row = {t: i for i, t in enumerate(texts)}
+
+    def pretrained_text(batch: list[str]) -> torch.Tensor:
+        return raw[[row[t] for t in batch]]
+
+    baselines = []
+    for k in range(cfg.baseline_inits):
+        torch.manual_seed(20_000 + k)
+        fresh.audio_proj.reset_parameters()
+        baselines.append(evaluate_clap(fresh, data, text_embedder=pretrained_text))
+    _put(results, "stage2_baseline", mean_and_std(baselines))
+    results["num_classes"] = float(len(data.class_names))
+    results["num_eval_clips"] = float(len(data.labels))
+    for stage in ("stage1", "stage2"):
+        results[f"{stage}_zs_gain"] = results[f"{stage}/zs_acc"] - results[f"{stage}_baseline/zs_acc"]
+    run_id = None
+    if parent_run_id:
+        with StageRun(parent_run_id, "evaluate", params={"baseline_inits": cfg.baseline_inits,
+                                                         "prompt_template": cfg.prompt_template,
+                                                         "stage1": str(stage1_export),
+                                                         "stage2": str(stage2_export)}) as run:
+            run.log_metrics(results, step=0)
+            run.log_dict(results, "metrics.json")
+            run_id = run.run_id
+    return results, run_id
+
+
+def _put(results: dict[str, float], prefix: str, metrics: dict[str, float]) -> None:
+    """Prefix keys with the model; MLflow metric names cannot hold ``@`` (``a2t_R@1`` becomes ``a2t_R1``)."""
+    results.update({f"{prefix}/{k.replace('@', '')}": float(v) for k, v in metrics.items()})
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

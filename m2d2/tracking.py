@@ -1,0 +1,383 @@
+"""MLflow tracking for a staged pipeline: one parent run per pipeline execution, one child run per stage.
+
+Everything goes through ``mlflow.MlflowClient`` with explicit run ids, never the fluent ``mlflow.start_run`` stack.
+The fluent API keeps the active run in process-global state, but our stages run in separate processes (and pods),
+so the parent run id travels as a plain string between tasks and each stage attaches to it through the
+``mlflow.parentRunId`` tag, which is what the MLflow UI uses to nest runs. ``start_run(parent_run_id=...)`` would
+also require the parent to be active in the same process.
+
+Training stages are multi-process: only the main rank (``RANK`` unset or ``"0"``) creates a run and logs; on
+every other rank :class:`StageRun` is an inert object, so training code calls it unconditionally.
+
+The tracking URI comes from ``MLFLOW_TRACKING_URI`` (set per task, per ``pyflyte run --env`` or cluster-wide);
+without it runs go to ``sqlite:///mlflow.db`` in the current directory. This module never imports flytekit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus, RunTag, ViewType
+from mlflow.exceptions import MlflowException
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "m2d2"
+
+EXECUTION_TAG = "flyte.execution_id"
+KIND_TAG = "m2d2.kind"
+STAGE_TAG = "m2d2.stage"
+PARENT_TAG = "mlflow.parentRunId"
+
+# MLflow server-side limits (mlflow.utils.validation); exceeding them makes the whole request fail.
+MAX_PARAM_VALUE = 6000
+MAX_TAG_VALUE = 8000
+PARAMS_PER_BATCH = 100
+METRICS_PER_BATCH = 1000
+TRUNCATION_NOTE = "...[truncated]"
+
+_T = TypeVar("_T")
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` if set (and non-empty), else a SQLite file in the current directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def is_main_process() -> bool:
+    """True on the rank that logs: ``RANK`` unset (single process) or ``"0"``."""
+    return os.environ.get("RANK", "0").strip() in ("", "0")
+
+
+def client() -> MlflowClient:
+    """A client bound to :func:`tracking_uri` at call time, so a changed environment is always honoured."""
+    return MlflowClient(tracking_uri=tracking_uri())
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _quote(value: str) -> str:
+    """A string literal for an MLflow search filter (its parser has no escapes: pick the quote not in ``value``)."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ValueError(f"cannot search MLflow for a value with both quote characters: {value!r}")
+
+
+def _truncate(value: str, limit: int, key: str) -> str:
+    if len(value) <= limit:
+        return value
+    log.warning("MLflow value for %r has %d chars; truncated to %d", key, len(value), limit)
+    return value[: limit - len(TRUNCATION_NOTE)] + TRUNCATION_NOTE
+
+
+def _chunks(items: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _is_record(obj: Any) -> bool:
+    return isinstance(obj, Mapping) or (dataclasses.is_dataclass(obj) and not isinstance(obj, type))
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """A (nested) mapping or dataclass as one level of dotted keys (``encoder.depth``); leaves kept as they are."""
+    if not _is_record(obj):
+        raise TypeError(f"expected a mapping or dataclass instance, got {type(obj).__name__}")
+    if not isinstance(obj, Mapping):
+        obj = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if _is_record(value) and value:
+            out.update(flatten(value, name))
+        else:
+            out[name] = value
+    return out
+
+
+def _json_default(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    return str(obj)
+
+
+def _tags(tags: Mapping[str, Any] | None) -> list[RunTag]:
+    return [RunTag(str(k), _truncate(str(v), MAX_TAG_VALUE, str(k))) for k, v in (tags or {}).items()]
+
+
+def _experiment_id(mlflow: MlflowClient, name: str) -> str:
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return mlflow.create_experiment(name)
+    except MlflowException:
+        # Another task created it between our lookup and create.
+        experiment = mlflow.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def start_pipeline_run(
+    execution_id: str,
+    experiment: str = DEFAULT_EXPERIMENT,
+    tags: Mapping[str, Any] | None = None,
+    params: Mapping[str, Any] | None = None,
+) -> str:
+    """Create (or find) the parent run of one pipeline execution and return its id; the run is left RUNNING.
+
+    Idempotent per ``execution_id``: Flyte retries a failed task in a new process, and a retry of the first task
+    must return the parent it already created rather than open a second one. The lookup and create are not atomic,
+    which is fine because retries of one task are sequential.
+    """
+    mlflow = client()
+    experiment_id = _experiment_id(mlflow, experiment)
+    existing = mlflow.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{EXECUTION_TAG}` = {_quote(execution_id)} and tags.`{KIND_TAG}` = 'pipeline'",
+        run_view_type=ViewType.ACTIVE_ONLY,
+        max_results=1,
+        order_by=["attributes.start_time ASC"],
+    )
+    if existing:
+        run_id = existing[0].info.run_id
+        log.info("Reusing MLflow pipeline run %s for execution %s", run_id, execution_id)
+        return run_id
+    all_tags = {**(tags or {}), EXECUTION_TAG: execution_id, KIND_TAG: "pipeline"}
+    run = mlflow.create_run(
+        experiment_id, tags={t.key: t.value for t in _tags(all_tags)}, run_name=f"pipeline-{execution_id}"
+    )
+    run_id = run.info.run_id
+    if params:
+        _log_params(mlflow, run_id, params)
+    log.info("Created MLflow pipeline run %s for execution %s", run_id, execution_id)
+    return run_id
+
+
+def finish_pipeline_run(
+    run_id: str,
+    status: str = "FINISHED",
+    tags: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, float] | None = None,
+) -> None:
+    """Log final tags and summary metrics (step 0) on the parent run, then terminate it with ``status``."""
+    RunStatus.from_string(status)  # fail early on a typo rather than after logging
+    mlflow = client()
+    timestamp = _now_ms()
+    _log_batch(mlflow, run_id, [Metric(k, float(v), timestamp, 0) for k, v in (metrics or {}).items()], _tags(tags))
+    mlflow.set_terminated(run_id, status=status)
+
+
+def _log_params(mlflow: MlflowClient, run_id: str, params: Any) -> None:
+    items = [Param(key, _truncate(str(value), MAX_PARAM_VALUE, key)) for key, value in flatten(params).items()]
+    for chunk in _chunks(items, PARAMS_PER_BATCH):
+        mlflow.log_batch(run_id, params=chunk)
+
+
+def _log_batch(mlflow: MlflowClient, run_id: str, metrics: Sequence[Metric], tags: Sequence[RunTag] = ()) -> None:
+    for chunk in _chunks(list(tags), PARAMS_PER_BATCH):
+        mlflow.log_batch(run_id, tags=chunk)
+    for chunk in _chunks(list(metrics), METRICS_PER_BATCH):
+        mlflow.log_batch(run_id, metrics=chunk)
+
+
+class StageRun:
+    """The child run of one pipeline stage; inert on every rank but the main one.
+
+    Metrics are buffered and sent with ``log_batch`` every ``flush_every`` calls to :meth:`log_metrics` (and on
+    exit), so a training loop pays one HTTP request per ``flush_every`` steps instead of one per step.
+
+    Use as a context manager (FAILED if an exception escapes, which is re-raised) or call :meth:`start` and
+    :meth:`end` explicitly.
+    """
+
+    def __init__(
+        self,
+        parent_run_id: str,
+        stage: str,
+        params: Any = None,
+        tags: Mapping[str, Any] | None = None,
+        flush_every: int = 20,
+    ) -> None:
+        self.parent_run_id = parent_run_id
+        self.stage = stage
+        self.active = is_main_process()
+        self._params = params
+        self._tags = dict(tags or {})
+        self._flush_every = max(1, flush_every)
+        self._pending: list[Metric] = []
+        self._calls = 0
+        self._client: MlflowClient | None = None
+        self._run_id: str | None = None
+        self._ended = False
+
+    @property
+    def run_id(self) -> str | None:
+        """The child run id once started on the main rank; None elsewhere."""
+        return self._run_id
+
+    def start(self) -> Self:
+        """Create the child run in the parent's experiment (main rank only; a second call is a no-op)."""
+        if not self.active or self._run_id is not None:
+            return self
+        self._client = client()
+        experiment_id = self._client.get_run(self.parent_run_id).info.experiment_id
+        tags = {**self._tags, PARENT_TAG: self.parent_run_id, STAGE_TAG: self.stage, KIND_TAG: "stage"}
+        run = self._client.create_run(experiment_id, tags={t.key: t.value for t in _tags(tags)}, run_name=self.stage)
+        self._run_id = run.info.run_id
+        log.info("Started MLflow run %s for stage %s (parent %s)", self._run_id, self.stage, self.parent_run_id)
+        if self._params:
+            self.log_params(self._params)
+        return self
+
+    def _live(self) -> MlflowClient | None:
+        return self._client if self._run_id is not None and not self._ended else None
+
+    def log_params(self, params: Any) -> None:
+        """Log a (nested) mapping or dataclass as dotted-key params (stringified, truncated to 6000 chars).
+
+        MLflow params are write-once: re-logging a key with a different value is an error, so log each key once.
+        """
+        if (mlflow := self._live()) is not None:
+            _log_params(mlflow, self._run_id, params)
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Buffer one step of metrics; NaN/inf are logged as they are (MLflow stores them)."""
+        if self._live() is None:
+            return
+        timestamp = _now_ms()
+        self._pending.extend(Metric(str(k), float(v), timestamp, int(step)) for k, v in metrics.items())
+        self._calls += 1
+        if self._calls % self._flush_every == 0 or len(self._pending) >= METRICS_PER_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send buffered metrics now."""
+        if (mlflow := self._live()) is None or not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        _log_batch(mlflow, self._run_id, pending)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if (mlflow := self._live()) is not None:
+            _log_batch(mlflow, self._run_id, [], _tags(tags))
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        """Write ``obj`` as indented JSON to ``artifact_file``; dataclasses become objects, other types ``str``."""
+        if (mlflow := self._live()) is not None:
+            mlflow.log_text(self._run_id, json.dumps(obj, indent=2, default=_json_default), artifact_file)
+
+    def log_artifact(self, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        if (mlflow := self._live()) is not None:
+            mlflow.log_artifact(self._run_id, os.fspath(local_path), artifact_path)
+
+    def log_artifacts(self, local_dir: str | os.PathLike, artifact_path: str | None = None) -> None:
+        if (mlflow := self._live()) is not None:
+            mlflow.log_artifacts(self._run_id, os.fspath(local_dir), artifact_path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Flush pending metrics and terminate the run with ``status`` (once; later calls are no-ops)."""
+        if (mlflow := self._live()) is None:
+            return
+        try:
+            self.flush()
+        finally:
+            self._ended = True
+            mlflow.set_terminated(self._run_id, status=status)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.end("FINISHED")
+            return
+        try:
+            self.end("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+        except Exception:  # never mask the exception that is propagating
+            log.exception("Could not close MLflow run %s", self._run_id)
+
+
+def find_stage_run(parent_run_id: str, stage: str) -> str | None:
+    """The id of the most recent child run of ``stage`` under ``parent_run_id``, or None."""
+    mlflow = client()
+    experiment_id = mlflow.get_run(parent_run_id).info.experiment_id
+    runs = mlflow.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = {_quote(parent_run_id)} and tags.`{STAGE_TAG}` = {_quote(stage)}",
+        max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def record_cache_hits(parent_run_id: str, stage_sources: Mapping[str, str | None]) -> dict[str, bool]:
+    """Tag the parent with where each stage's output came from; return stage -> cache hit.
+
+    Each stage output carries the id of the run that produced it. When Flyte serves a task from its cache the
+    output (and so that id) is from an earlier execution, whose run has a different parent: that is a cache hit.
+    Stages with a None source (nothing tracked) are skipped. A source run that no longer exists counts as a hit:
+    it cannot have been created under this parent.
+    """
+    mlflow = client()
+    hits: dict[str, bool] = {}
+    tags: dict[str, str] = {}
+    for stage, source in stage_sources.items():
+        if not source:
+            continue
+        try:
+            source_parent = mlflow.get_run(source).data.tags.get(PARENT_TAG)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            log.warning("Source run %s of stage %s not found; counting it as a cache hit", source, stage)
+            source_parent = None
+        hits[stage] = source_parent != parent_run_id
+        tags[f"m2d2.{stage}.source_run"] = source
+        tags[f"m2d2.{stage}.cache_hit"] = str(hits[stage]).lower()
+    _log_batch(mlflow, parent_run_id, [], _tags(tags))
+    return hits
+
+
+def run_url(run_id: str) -> str | None:
+    """A link to the run in the MLflow UI when tracking goes to an http(s) server, else None."""
+    uri = tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        experiment_id = client().get_run(run_id).info.experiment_id
+    except MlflowException:
+        log.warning("Cannot build a UI link: run %s not found at %s", run_id, uri)
+        return None
+    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+__all__ = [
+    "DEFAULT_TRACKING_URI",
+    "StageRun",
+    "client",
+    "finish_pipeline_run",
+    "find_stage_run",
+    "flatten",
+    "is_main_process",
+    "record_cache_hits",
+    "run_url",
+    "start_pipeline_run",
+    "tracking_uri",
+]

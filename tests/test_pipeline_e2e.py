@@ -1,0 +1,77 @@
+"""End-to-end: the real `pyflyte run workflows/full.py full` on the `smoke` preset, twice, checked in MLflow.
+
+Same tasks, classes and code paths as `make demo`; only the preset's numbers are smaller (a few steps per stage).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from m2d2.pipeline import PipelineConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+PYFLYTE = Path(sys.executable).with_name("pyflyte")
+
+
+def _run_pipeline(cfg_file: Path, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(PYFLYTE), "run", str(ROOT / "workflows" / "full.py"), "full", "--cfg", str(cfg_file)],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=900,
+    )
+
+
+@pytest.mark.slow
+def test_smoke_pipeline_runs_twice_and_tracks_everything(tmp_path):
+    cfg = PipelineConfig.from_preset("smoke", data_root=str(tmp_path / "data"), experiment="m2d2-smoke")
+    cfg_file = tmp_path / "smoke.json"
+    cfg_file.write_text(json.dumps(dataclasses.asdict(cfg)))
+    db = tmp_path / "mlflow.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}", "PYTHONPATH": str(ROOT),
+           "FLYTE_LOCAL_CACHE_ENABLED": "true"}
+
+    first = _run_pipeline(cfg_file, env, tmp_path)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    second = _run_pipeline(cfg_file, env, tmp_path)
+    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    experiment = client.get_experiment_by_name("m2d2-smoke")
+    runs = client.search_runs([experiment.experiment_id], max_results=100, order_by=["attributes.start_time ASC"])
+    parents = [r for r in runs if r.data.tags.get("m2d2.kind") == "pipeline"]
+    assert len(parents) == 2 and all(p.info.status == "FINISHED" for p in parents)
+    first_parent, second_parent = parents
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == first_parent.info.run_id]
+    stages = {r.data.tags["m2d2.stage"] for r in children}
+    assert {"features", "embed", "stage1", "stage2", "evaluate"} <= stages
+    for stage in ("stage1", "stage2"):
+        run = next(r for r in children if r.data.tags["m2d2.stage"] == stage)
+        history = client.get_metric_history(run.info.run_id, "loss")
+        assert len(history) >= 3 and all(h.value == h.value for h in history)  # one point per step, finite
+        assert client.get_metric_history(run.info.run_id, "lr")
+        assert client.get_metric_history(run.info.run_id, "samples_per_s")
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"config.json", "model"} <= artifacts
+    s1 = next(r for r in children if r.data.tags["m2d2.stage"] == "stage1")
+    assert client.get_metric_history(s1.info.run_id, "ema_decay")
+    assert client.get_metric_history(s1.info.run_id, "loss_m2d")
+    metrics = first_parent.data.metrics
+    for key in ("stage1/zs_acc", "stage2/zs_acc", "stage1_baseline/zs_acc", "stage2/t2a_R1", "stage1/a2t_mAP10"):
+        assert key in metrics and 0.0 <= metrics[key] <= 1.0
+    assert first_parent.data.tags["m2d2.stage1.cache_hit"] == "false"
+    # Second execution: every cached stage is a hit and links the run that produced it.
+    second_parent = client.get_run(second_parent.info.run_id)
+    for stage in ("features", "embed", "stage1", "stage2", "evaluate"):
+        assert second_parent.data.tags[f"m2d2.{stage}.cache_hit"] == "true", stage
+        source = client.get_run(second_parent.data.tags[f"m2d2.{stage}.source_run"])
+        assert source.data.tags["mlflow.parentRunId"] == first_parent.info.run_id
+    assert not [r for r in runs if r.data.tags.get("mlflow.parentRunId") == second_parent.info.run_id]
+    exported = list((tmp_path / "data" / "stage2").glob("*/model/config.json"))
+    assert len(exported) == 1

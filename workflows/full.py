@@ -1,0 +1,224 @@
+"""The whole M2D2 pipeline as one typed Flyte DAG: ``pyflyte run workflows/full.py full``.
+
+Thin wiring only: each task calls one step of :mod:`m2d2.pipeline` / :mod:`m2d2.train.stages`. With no
+arguments it runs the ``demo`` preset on the local machine (generated corpus, CPU, ``sqlite:///mlflow.db``).
+A JSON/YAML file of :class:`~m2d2.pipeline.PipelineConfig` selects other settings::
+
+    pyflyte run workflows/full.py full --cfg my_config.json
+
+Caching: every data/training task is cached by its inputs (``Cache(version=...)``); the MLflow parent run
+id is an ignored input, so tracking never busts the cache. Outputs live at stable paths under
+``cfg.data_root`` (see :func:`m2d2.pipeline.step_dir`), so a cache hit points at files that still exist.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from flytekit import Cache, FlyteContextManager, Resources, current_context, task, workflow
+from flytekit.types.directory import FlyteDirectory
+from flytekit.types.file import FlyteFile
+from flytekit.types.structured import StructuredDataset
+from flytekitplugins.kfpytorch import Elastic
+
+from m2d2.pipeline import PipelineConfig
+
+# Processes per training node; the demo trains on one CPU process. Read at import time because Flyte fixes a
+# task's launch topology when the task is defined (issue "Distributed training" moves this into the config).
+NNODES = int(os.environ.get("M2D2_NNODES", "1"))
+NPROC_PER_NODE = int(os.environ.get("M2D2_NPROC_PER_NODE", "1"))
+TRACKING = ("parent_run_id",)
+ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@dataclass
+class Corpus:
+    audio: FlyteDirectory
+    manifest: StructuredDataset
+
+
+@dataclass
+class Artifact:
+    """A step's output directory and the MLflow run that produced it (empty when untracked)."""
+
+    path: FlyteDirectory
+    mlflow_run_id: str
+
+
+@dataclass
+class StageResult:
+    model: FlyteDirectory
+    checkpoint: FlyteDirectory
+    mlflow_run_id: str
+    steps: int
+    final_loss: float
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    mlflow_run_id: str
+
+
+def _is_local() -> bool:
+    ctx = FlyteContextManager.current_context()
+    return not ctx.file_access.is_remote(ctx.file_access.raw_output_prefix)
+
+
+def _out(path: str | Path) -> FlyteDirectory:
+    """Local runs keep the stable path (no copy into a temporary sandbox); remote runs upload it."""
+    return FlyteDirectory(str(Path(path).resolve()), remote_directory=False if _is_local() else None)
+
+
+def _local(directory: FlyteDirectory) -> str:
+    path = directory.download()
+    if not Path(path).exists():
+        raise FileNotFoundError(
+            f"{path} no longer exists but a cached task output points at it; re-run with "
+            "`pyflyte run --overwrite-cache ...` or clear the cache with `pyflyte local-cache clear`"
+        )
+    return path
+
+
+@task(environment=ENV)
+def start_tracking(cfg: PipelineConfig) -> str:
+    """Create the MLflow parent run of this execution (idempotent across retries of this task)."""
+    from dataclasses import asdict
+
+    from m2d2.tracking import start_pipeline_run
+
+    execution = current_context().execution_id
+    name = execution.name
+    if not name or name == "local":  # every local execution is "local": make it unique
+        name = f"local-{uuid.uuid4().hex[:12]}"
+    return start_pipeline_run(name, experiment=cfg.experiment, params=asdict(cfg),
+                              tags={"flyte.project": execution.project, "flyte.domain": execution.domain,
+                                    "m2d2.preset": cfg.preset})
+
+
+@task(cache=Cache(version="corpus-1"), environment=ENV, requests=Resources(cpu="2", mem="4Gi"))
+def make_corpus(cfg: PipelineConfig) -> Corpus:
+    from m2d2.pipeline import build_corpus
+
+    out = build_corpus(cfg)
+    return Corpus(audio=_out(out), manifest=StructuredDataset(dataframe=pq.read_table(out / "manifest.parquet")))
+
+
+@task(cache=Cache(version="features-1", ignored_inputs=TRACKING), environment=ENV,
+      requests=Resources(cpu="4", mem="8Gi"))
+def make_features(cfg: PipelineConfig, corpus: Corpus, parent_run_id: str) -> Artifact:
+    from m2d2.pipeline import build_features
+
+    out, run_id = build_features(cfg, _local(corpus.audio), parent_run_id or None)
+    return Artifact(path=_out(out), mlflow_run_id=run_id or "")
+
+
+@task(cache=Cache(version="embed-1", ignored_inputs=TRACKING), environment=ENV,
+      requests=Resources(cpu="4", mem="16Gi"))
+def embed_captions(cfg: PipelineConfig, corpus: Corpus, parent_run_id: str) -> Artifact:
+    from m2d2.pipeline import build_caption_cache
+
+    out, run_id = build_caption_cache(cfg, _local(corpus.audio), parent_run_id or None)
+    return Artifact(path=_out(out.parent), mlflow_run_id=run_id or "")
+
+
+def _stage_result(output) -> StageResult:
+    return StageResult(model=_out(output.export_dir), checkpoint=_out(output.checkpoint_dir),
+                       mlflow_run_id=output.mlflow_run_id or "", steps=output.steps,
+                       final_loss=float(output.final.get("loss", float("nan"))))
+
+
+@task(
+    task_config=Elastic(nnodes=NNODES, nproc_per_node=NPROC_PER_NODE),
+    cache=Cache(version="stage1-1", ignored_inputs=TRACKING),
+    environment=ENV,
+    requests=Resources(cpu="4", mem="16Gi"),
+    timeout=timedelta(days=7),
+)
+def stage1(cfg: PipelineConfig, features: Artifact, captions: Artifact, parent_run_id: str) -> StageResult:
+    from m2d2.pipeline import step_dir
+    from m2d2.train.stages import run_stage1
+
+    feature_dir, caption_dir = _local(features.path), _local(captions.path)
+    out = step_dir(cfg, "stage1", cfg.stage1, feature_dir, caption_dir)
+    result = run_stage1(cfg.stage1, feature_dir, str(Path(caption_dir) / "captions.parquet"), str(out),
+                        parent_run_id or None)
+    return _stage_result(result)
+
+
+@task(
+    task_config=Elastic(nnodes=NNODES, nproc_per_node=NPROC_PER_NODE),
+    cache=Cache(version="stage2-1", ignored_inputs=TRACKING),
+    environment=ENV,
+    requests=Resources(cpu="4", mem="16Gi"),
+    timeout=timedelta(days=7),
+)
+def stage2(cfg: PipelineConfig, features: Artifact, stage1_result: StageResult, parent_run_id: str) -> StageResult:
+    from m2d2.pipeline import step_dir
+    from m2d2.train.stages import run_stage2
+
+    feature_dir, stage1_dir = _local(features.path), _local(stage1_result.model)
+    out = step_dir(cfg, "stage2", cfg.stage2, feature_dir, stage1_dir)
+    return _stage_result(run_stage2(cfg.stage2, feature_dir, stage1_dir, str(out), parent_run_id or None))
+
+
+@task(cache=Cache(version="evaluate-1", ignored_inputs=TRACKING), environment=ENV,
+      requests=Resources(cpu="4", mem="16Gi"))
+def evaluate(cfg: PipelineConfig, features: Artifact, captions: Artifact, stage1_result: StageResult,
+             stage2_result: StageResult, parent_run_id: str) -> EvalResult:
+    from m2d2.pipeline import evaluate_stages
+
+    metrics, run_id = evaluate_stages(
+        cfg, _local(features.path), Path(_local(captions.path)) / "captions.parquet",
+        _local(stage1_result.model), _local(stage2_result.model), parent_run_id or None,
+    )
+    return EvalResult(metrics=metrics, mlflow_run_id=run_id or "")
+
+
+@task(environment=ENV)
+def finish_tracking(cfg: PipelineConfig, parent_run_id: str, features: Artifact, captions: Artifact,
+                    stage1_result: StageResult, stage2_result: StageResult, evaluation: EvalResult) -> FlyteFile:
+    """Record which stages were cache hits (and the runs that produced them), the headline metrics, and close.
+
+    Writes ``<data_root>/summaries/<parent run>.json`` and ``<data_root>/latest-summary.json`` (``m2d2 summary``).
+    """
+    import json
+
+    from m2d2.cli import SUMMARY_FILE
+    from m2d2.io import atomic_write_bytes
+    from m2d2.tracking import finish_pipeline_run, record_cache_hits, tracking_uri
+
+    sources = {"features": features.mlflow_run_id, "embed": captions.mlflow_run_id,
+               "stage1": stage1_result.mlflow_run_id, "stage2": stage2_result.mlflow_run_id,
+               "evaluate": evaluation.mlflow_run_id}
+    hits = record_cache_hits(parent_run_id, sources)
+    finish_pipeline_run(parent_run_id, metrics=evaluation.metrics,
+                        tags={"m2d2.cache_hits": ",".join(s for s, hit in hits.items() if hit) or "none"})
+    summary = {"mlflow_parent_run_id": parent_run_id, "tracking_uri": tracking_uri(), "cache_hits": hits,
+               "metrics": evaluation.metrics, "stage1_model": _local(stage1_result.model),
+               "stage2_model": _local(stage2_result.model)}
+    blob = json.dumps(summary, indent=2).encode()
+    path = Path(cfg.data_root) / "summaries" / f"{parent_run_id}.json"
+    atomic_write_bytes(path, blob)
+    atomic_write_bytes(Path(cfg.data_root) / SUMMARY_FILE, blob)
+    return FlyteFile(str(path.resolve()), remote_path=False if _is_local() else None)
+
+
+@workflow
+def full(cfg: PipelineConfig = PipelineConfig()) -> FlyteFile:  # noqa: B008 (Flyte reads defaults here)
+    """corpus -> features + caption embeddings -> stage 1 -> stage 2 -> evaluate -> summary (MLflow throughout)."""
+    parent = start_tracking(cfg=cfg)
+    corpus = make_corpus(cfg=cfg)
+    features = make_features(cfg=cfg, corpus=corpus, parent_run_id=parent)
+    captions = embed_captions(cfg=cfg, corpus=corpus, parent_run_id=parent)
+    s1 = stage1(cfg=cfg, features=features, captions=captions, parent_run_id=parent)
+    s2 = stage2(cfg=cfg, features=features, stage1_result=s1, parent_run_id=parent)
+    scores = evaluate(cfg=cfg, features=features, captions=captions, stage1_result=s1, stage2_result=s2,
+                      parent_run_id=parent)
+    return finish_tracking(cfg=cfg, parent_run_id=parent, features=features, captions=captions, stage1_result=s1,
+                           stage2_result=s2, evaluation=scores)
