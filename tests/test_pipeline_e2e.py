@@ -34,7 +34,7 @@ def test_smoke_pipeline_runs_twice_and_tracks_everything(tmp_path):
     cfg_file = tmp_path / "smoke.json"
     cfg_file.write_text(json.dumps(dataclasses.asdict(cfg)))
     db = tmp_path / "mlflow.db"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}", "PYTHONPATH": str(ROOT),
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}",
            "FLYTE_LOCAL_CACHE_ENABLED": "true"}
 
     first = _run_pipeline(cfg_file, env, tmp_path)

@@ -119,7 +119,7 @@ result = stage1(cfg=cfg, features=Artifact(path=_out({str(features)!r}), mlflow_
                 captions=Artifact(path=_out({str(captions.parent)!r}), mlflow_run_id=""), parent_run_id=parent)
 print("RESULT", json.dumps({{"steps": result.steps, "model": str(result.model.path), "run": result.mlflow_run_id}}))
 """
-    env = {**os.environ, "M2D2_NPROC_PER_NODE": "2", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "M2D2_NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1",
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     proc = subprocess.run([sys.executable, "-c", script, json.dumps(dataclasses.asdict(cfg))], env=env,
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
