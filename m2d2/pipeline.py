@@ -70,6 +70,31 @@ class PipelineConfig:
         return dataclasses.replace(cfg, **changes)
 
 
+WORKSPACE_FILE = ".m2d2-workspace"
+
+
+def workspace_token(data_root: str) -> str:
+    """``<absolute data root>#<workspace id>``; the id is created once per data root and kept in a file there.
+
+    A deleted (or new) data root gets a new id, so anything keyed by the token — Flyte cache entries —
+    cannot outlive the outputs it points at.
+    """
+    import uuid
+
+    from m2d2 import io
+
+    root = str(Path(data_root).resolve()) if io.is_local(data_root) else data_root.rstrip("/")
+    marker = io.join(root, WORKSPACE_FILE)
+    if not io.exists(marker):
+        io.atomic_write_bytes(marker, uuid.uuid4().hex.encode())
+    return f"{root}#{io.read_bytes(marker).decode().strip()}"
+
+
+def rooted(cfg: PipelineConfig, workspace: str) -> PipelineConfig:
+    """``cfg`` with ``data_root`` set to the workspace's absolute root."""
+    return dataclasses.replace(cfg, data_root=workspace.rsplit("#", 1)[0])
+
+
 def step_key(*parts: Any) -> str:
     """Short content key of a step's settings and inputs (dataclasses and paths alike)."""
     def plain(obj: Any) -> Any:

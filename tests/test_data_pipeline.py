@@ -133,3 +133,17 @@ def test_crop_dataset_with_vectors_and_missing_captions(corpus, tmp_path):
     store.captions[1] = []
     with pytest.raises(ValueError, match="no caption"):
         CropDataset(store, 64)
+
+
+def test_workspace_token_changes_when_the_data_root_is_recreated(tmp_path):
+    from m2d2.pipeline import PipelineConfig, rooted, workspace_token
+
+    root = tmp_path / "runs"
+    first = workspace_token(str(root))
+    assert first.startswith(str(root.resolve()) + "#") and workspace_token(str(root)) == first
+    import shutil
+
+    shutil.rmtree(root)
+    second = workspace_token(str(root))
+    assert second != first  # cache keys built on the token cannot point into the deleted tree
+    assert rooted(PipelineConfig(), second).data_root == str(root.resolve())

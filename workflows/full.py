@@ -86,6 +86,18 @@ def _local(directory: FlyteDirectory) -> str:
 
 
 @task(environment=ENV)
+def open_workspace(cfg: PipelineConfig) -> str:
+    """The data root as an absolute URI plus its workspace id (created on first use), e.g. ``/abs/runs#3f2a...``.
+
+    Cached tasks take this as an input, so deleting (or moving to) a data root changes their cache keys: a
+    cache hit can never point at outputs that were deleted with their workspace.
+    """
+    from m2d2.pipeline import workspace_token
+
+    return workspace_token(cfg.data_root)
+
+
+@task(environment=ENV)
 def start_tracking(cfg: PipelineConfig) -> str:
     """Create the MLflow parent run of this execution (idempotent across retries of this task)."""
     from dataclasses import asdict
@@ -102,28 +114,28 @@ def start_tracking(cfg: PipelineConfig) -> str:
 
 
 @task(cache=Cache(version="corpus-1"), environment=ENV, requests=Resources(cpu="2", mem="4Gi"))
-def make_corpus(cfg: PipelineConfig) -> Corpus:
-    from m2d2.pipeline import build_corpus
+def make_corpus(cfg: PipelineConfig, workspace: str) -> Corpus:
+    from m2d2.pipeline import build_corpus, rooted
 
-    out = build_corpus(cfg)
+    out = build_corpus(rooted(cfg, workspace))
     return Corpus(audio=_out(out), manifest=StructuredDataset(dataframe=pq.read_table(out / "manifest.parquet")))
 
 
 @task(cache=Cache(version="features-1", ignored_inputs=TRACKING), environment=ENV,
       requests=Resources(cpu="4", mem="8Gi"))
-def make_features(cfg: PipelineConfig, corpus: Corpus, parent_run_id: str) -> Artifact:
-    from m2d2.pipeline import build_features
+def make_features(cfg: PipelineConfig, workspace: str, corpus: Corpus, parent_run_id: str) -> Artifact:
+    from m2d2.pipeline import build_features, rooted
 
-    out, run_id = build_features(cfg, _local(corpus.audio), parent_run_id or None)
+    out, run_id = build_features(rooted(cfg, workspace), _local(corpus.audio), parent_run_id or None)
     return Artifact(path=_out(out), mlflow_run_id=run_id or "")
 
 
 @task(cache=Cache(version="embed-1", ignored_inputs=TRACKING), environment=ENV,
       requests=Resources(cpu="4", mem="16Gi"))
-def embed_captions(cfg: PipelineConfig, corpus: Corpus, parent_run_id: str) -> Artifact:
-    from m2d2.pipeline import build_caption_cache
+def embed_captions(cfg: PipelineConfig, workspace: str, corpus: Corpus, parent_run_id: str) -> Artifact:
+    from m2d2.pipeline import build_caption_cache, rooted
 
-    out, run_id = build_caption_cache(cfg, _local(corpus.audio), parent_run_id or None)
+    out, run_id = build_caption_cache(rooted(cfg, workspace), _local(corpus.audio), parent_run_id or None)
     return Artifact(path=_out(out.parent), mlflow_run_id=run_id or "")
 
 
@@ -140,12 +152,13 @@ def _stage_result(output) -> StageResult:
     requests=Resources(cpu="4", mem="16Gi"),
     timeout=timedelta(days=7),
 )
-def stage1(cfg: PipelineConfig, features: Artifact, captions: Artifact, parent_run_id: str) -> StageResult:
-    from m2d2.pipeline import step_dir
+def stage1(cfg: PipelineConfig, workspace: str, features: Artifact, captions: Artifact,
+           parent_run_id: str) -> StageResult:
+    from m2d2.pipeline import rooted, step_dir
     from m2d2.train.stages import run_stage1
 
     feature_dir, caption_dir = _local(features.path), _local(captions.path)
-    out = step_dir(cfg, "stage1", cfg.stage1, feature_dir, caption_dir)
+    out = step_dir(rooted(cfg, workspace), "stage1", cfg.stage1, feature_dir, caption_dir)
     result = run_stage1(cfg.stage1, feature_dir, str(Path(caption_dir) / "captions.parquet"), str(out),
                         parent_run_id or None)
     return _stage_result(result)
@@ -158,19 +171,20 @@ def stage1(cfg: PipelineConfig, features: Artifact, captions: Artifact, parent_r
     requests=Resources(cpu="4", mem="16Gi"),
     timeout=timedelta(days=7),
 )
-def stage2(cfg: PipelineConfig, features: Artifact, stage1_result: StageResult, parent_run_id: str) -> StageResult:
-    from m2d2.pipeline import step_dir
+def stage2(cfg: PipelineConfig, workspace: str, features: Artifact, stage1_result: StageResult,
+           parent_run_id: str) -> StageResult:
+    from m2d2.pipeline import rooted, step_dir
     from m2d2.train.stages import run_stage2
 
     feature_dir, stage1_dir = _local(features.path), _local(stage1_result.model)
-    out = step_dir(cfg, "stage2", cfg.stage2, feature_dir, stage1_dir)
+    out = step_dir(rooted(cfg, workspace), "stage2", cfg.stage2, feature_dir, stage1_dir)
     return _stage_result(run_stage2(cfg.stage2, feature_dir, stage1_dir, str(out), parent_run_id or None))
 
 
 @task(cache=Cache(version="evaluate-1", ignored_inputs=TRACKING), environment=ENV,
       requests=Resources(cpu="4", mem="16Gi"))
-def evaluate(cfg: PipelineConfig, features: Artifact, captions: Artifact, stage1_result: StageResult,
-             stage2_result: StageResult, parent_run_id: str) -> EvalResult:
+def evaluate(cfg: PipelineConfig, workspace: str, features: Artifact, captions: Artifact,
+             stage1_result: StageResult, stage2_result: StageResult, parent_run_id: str) -> EvalResult:
     from m2d2.pipeline import evaluate_stages
 
     metrics, run_id = evaluate_stages(
@@ -181,7 +195,7 @@ def evaluate(cfg: PipelineConfig, features: Artifact, captions: Artifact, stage1
 
 
 @task(environment=ENV)
-def finish_tracking(cfg: PipelineConfig, parent_run_id: str, features: Artifact, captions: Artifact,
+def finish_tracking(cfg: PipelineConfig, workspace: str, parent_run_id: str, features: Artifact, captions: Artifact,
                     stage1_result: StageResult, stage2_result: StageResult, evaluation: EvalResult) -> FlyteFile:
     """Record which stages were cache hits (and the runs that produced them), the headline metrics, and close.
 
@@ -191,6 +205,7 @@ def finish_tracking(cfg: PipelineConfig, parent_run_id: str, features: Artifact,
 
     from m2d2.cli import SUMMARY_FILE
     from m2d2.io import atomic_write_bytes
+    from m2d2.pipeline import rooted
     from m2d2.tracking import finish_pipeline_run, record_cache_hits, tracking_uri
 
     sources = {"features": features.mlflow_run_id, "embed": captions.mlflow_run_id,
@@ -203,22 +218,24 @@ def finish_tracking(cfg: PipelineConfig, parent_run_id: str, features: Artifact,
                "metrics": evaluation.metrics, "stage1_model": _local(stage1_result.model),
                "stage2_model": _local(stage2_result.model)}
     blob = json.dumps(summary, indent=2).encode()
-    path = Path(cfg.data_root) / "summaries" / f"{parent_run_id}.json"
+    root = Path(rooted(cfg, workspace).data_root)
+    path = root / "summaries" / f"{parent_run_id}.json"
     atomic_write_bytes(path, blob)
-    atomic_write_bytes(Path(cfg.data_root) / SUMMARY_FILE, blob)
+    atomic_write_bytes(root / SUMMARY_FILE, blob)
     return FlyteFile(str(path.resolve()), remote_path=False if _is_local() else None)
 
 
 @workflow
 def full(cfg: PipelineConfig = PipelineConfig()) -> FlyteFile:  # noqa: B008 (Flyte reads defaults here)
     """corpus -> features + caption embeddings -> stage 1 -> stage 2 -> evaluate -> summary (MLflow throughout)."""
+    workspace = open_workspace(cfg=cfg)
     parent = start_tracking(cfg=cfg)
-    corpus = make_corpus(cfg=cfg)
-    features = make_features(cfg=cfg, corpus=corpus, parent_run_id=parent)
-    captions = embed_captions(cfg=cfg, corpus=corpus, parent_run_id=parent)
-    s1 = stage1(cfg=cfg, features=features, captions=captions, parent_run_id=parent)
-    s2 = stage2(cfg=cfg, features=features, stage1_result=s1, parent_run_id=parent)
-    scores = evaluate(cfg=cfg, features=features, captions=captions, stage1_result=s1, stage2_result=s2,
-                      parent_run_id=parent)
-    return finish_tracking(cfg=cfg, parent_run_id=parent, features=features, captions=captions, stage1_result=s1,
+    corpus = make_corpus(cfg=cfg, workspace=workspace)
+    features = make_features(cfg=cfg, workspace=workspace, corpus=corpus, parent_run_id=parent)
+    captions = embed_captions(cfg=cfg, workspace=workspace, corpus=corpus, parent_run_id=parent)
+    s1 = stage1(cfg=cfg, workspace=workspace, features=features, captions=captions, parent_run_id=parent)
+    s2 = stage2(cfg=cfg, workspace=workspace, features=features, stage1_result=s1, parent_run_id=parent)
+    scores = evaluate(cfg=cfg, workspace=workspace, features=features, captions=captions, stage1_result=s1,
+                      stage2_result=s2, parent_run_id=parent)
+    return finish_tracking(cfg=cfg, workspace=workspace, parent_run_id=parent, features=features, captions=captions, stage1_result=s1,
                            stage2_result=s2, evaluation=scores)
