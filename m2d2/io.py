@@ -6,6 +6,7 @@ leaves a half-written file under the final name. An object-store PUT is already 
 
 from __future__ import annotations
 
+import importlib
 import os
 import tempfile
 from pathlib import Path
@@ -81,3 +82,17 @@ def download_dir(uri: str, local_dir: str | os.PathLike) -> Path:
         dest.parent.mkdir(parents=True, exist_ok=True)
         fs.get(remote, str(dest))
     return target
+
+
+def resolve_model_path(path: str) -> str:
+    """Turn ``package:<module>`` into the directory that module ships; check a plain path exists."""
+    if path.startswith("package:"):
+        module_name = path.removeprefix("package:")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise FileNotFoundError(f"text model package {module_name!r} is not installed ({exc})") from exc
+        return str(module.get_model_path())
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"text model directory {path!r} does not exist (models are never downloaded)")
+    return path

@@ -48,6 +48,7 @@ class PipelineConfig:
 
     preset: str = "demo"
     data_root: str = "runs"
+    run_key: str = ""  # stable key of the training checkpoints; a relaunch with the same key resumes
     experiment: str = "m2d2"
     baseline_inits: int = 5  # random initialisations averaged for each baseline
     prompt_template: str = PROMPT_TEMPLATE

@@ -55,3 +55,16 @@ def tiny_bert(hidden: int = 64) -> TransformersTextConfig:
 @pytest.fixture
 def tiny() -> M2D2Config:
     return tiny_config()
+
+
+@pytest.fixture(scope="session")
+def smoke_data(tmp_path_factory):
+    """The smoke preset's corpus, log-mel store and caption cache, built once per test session."""
+    from m2d2.pipeline import PipelineConfig, build_caption_cache, build_corpus, build_features
+
+    root = tmp_path_factory.mktemp("smoke-data")
+    cfg = PipelineConfig.from_preset("smoke", data_root=str(root))
+    corpus = build_corpus(cfg)
+    features, _ = build_features(cfg, corpus)
+    captions, _ = build_caption_cache(cfg, corpus)
+    return cfg, features, captions

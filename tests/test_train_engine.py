@@ -69,31 +69,21 @@ def test_paper_stage_presets_match_the_paper():
     assert model.clap.stage2_logit_scale_init == pytest.approx(math.log(100))
 
 
-def _prepare_smoke_data(tmp_path: Path):
-    from m2d2.pipeline import PipelineConfig, build_caption_cache, build_corpus, build_features
-
-    cfg = PipelineConfig.from_preset("smoke", data_root=str(tmp_path / "data"))
-    corpus = build_corpus(cfg)
-    features, _ = build_features(cfg, corpus)
-    captions, _ = build_caption_cache(cfg, corpus)
-    return cfg, features, captions
-
-
 @pytest.mark.slow
-def test_single_process_stage1_learns_and_exports(tmp_path):
+def test_single_process_stage1_learns_and_exports(tmp_path, smoke_data):
     from m2d2.train.stages import run_stage1
 
-    cfg, features, captions = _prepare_smoke_data(tmp_path)
+    cfg, features, captions = smoke_data
     stage = cfg.stage1.replace(max_steps=12, global_batch=4, base_lr=2e-3, warmup_epochs=0.0, log_every=1)
     out = run_stage1(stage, str(features), str(captions), str(tmp_path / "s1"))
     assert out.steps == 12 and out.final["ema_decay"] > 0.99
     model = M2D2.from_pretrained(out.export_dir)
     assert model.norm_stats.tolist() != [-7.1, 4.2]  # stats from the data, not the placeholder
     ckpt = Path(out.checkpoint_dir)
-    state = json.loads((ckpt / "state.json").read_text())
-    assert state["step"] == 12
-    optimizer = torch.load(ckpt / "optimizer.pt", weights_only=True)
-    assert optimizer["state"]  # AdamW moments are there
+    assert ckpt.name == "step-000000012" and (ckpt / "COMPLETE").exists()
+    assert json.loads((ckpt / "meta.json").read_text())["train_state"]["step"] == 12
+    rank_state = torch.load(ckpt / "rank-00000.pt", weights_only=True)
+    assert rank_state["optimizer"]["state"]  # AdamW moments are there
     from safetensors.torch import load_file
 
     full = load_file(str(ckpt / "model.safetensors"))
@@ -101,21 +91,23 @@ def test_single_process_stage1_learns_and_exports(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_elastic_deepspeed_stage1(tmp_path):
+def test_two_process_elastic_deepspeed_stage1(tmp_path, smoke_data):
     """The Flyte Elastic task of stage 1 with nproc_per_node=2: two gloo ranks under DeepSpeed."""
-    cfg, features, captions = _prepare_smoke_data(tmp_path)
-    cfg = dataclasses.replace(cfg, stage1=cfg.stage1.replace(global_batch=4, max_steps=2))
+    cfg, features, captions = smoke_data
+    cfg = dataclasses.replace(cfg, data_root=str(tmp_path / "data"),
+                              stage1=cfg.stage1.replace(global_batch=4, max_steps=2))
     script = f"""
 import json, sys
 from m2d2.pipeline import PipelineConfig
 from m2d2.train.config import TrainStageConfig
 from workflows.full import Artifact, stage1, _out
+from m2d2.pipeline import workspace_token
 from m2d2.tracking import start_pipeline_run
 cfg = PipelineConfig(**{{**json.loads(sys.argv[1]), "corpus": PipelineConfig().corpus,
                         "stage1": TrainStageConfig(**json.loads(sys.argv[1])["stage1"]),
                         "stage2": TrainStageConfig(**json.loads(sys.argv[1])["stage2"])}})
 parent = start_pipeline_run("elastic-test")
-result = stage1(cfg=cfg, features=Artifact(path=_out({str(features)!r}), mlflow_run_id=""),
+result = stage1(cfg=cfg, workspace=workspace_token(cfg.data_root), features=Artifact(path=_out({str(features)!r}), mlflow_run_id=""),
                 captions=Artifact(path=_out({str(captions.parent)!r}), mlflow_run_id=""), parent_run_id=parent)
 print("RESULT", json.dumps({{"steps": result.steps, "model": str(result.model.path), "run": result.mlflow_run_id}}))
 """
@@ -137,3 +129,52 @@ print("RESULT", json.dumps({{"steps": result.steps, "model": str(result.model.pa
 def test_stage_config_is_a_plain_dataclass():
     cfg = TrainStageConfig()
     assert all(isinstance(getattr(cfg, f.name), int | float | str) for f in dataclasses.fields(cfg))
+
+
+class _PoisonedCrops(torch.utils.data.Dataset):
+    """Crops of the smoke store where the clips in ``poisoned`` carry a NaN (a corrupt feature file)."""
+
+    def __init__(self, base, poisoned: set[int]):
+        self.base, self.poisoned = base, poisoned
+
+    def set_epoch(self, epoch: int) -> None:
+        self.base.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index):
+        lms, text = self.base[index]
+        if index in self.poisoned:
+            lms = lms.clone()
+            lms[0, 0] = float("nan")
+        return lms, text
+
+
+def _nan_run(tmp_path, smoke_data, poisoned, max_nonfinite):
+    from m2d2.data.features import LogMelStore
+    from m2d2.data.loader import CropDataset
+    from m2d2.text.cache import CaptionEmbeddings
+    from m2d2.train.engine import train
+
+    _, features, captions = smoke_data
+    torch.manual_seed(0)
+    model = M2D2(M2D2Config.preset("smoke"))
+    model.set_stage("stage1")
+    base = CropDataset(LogMelStore(features, "train"), 64, CaptionEmbeddings(captions))
+    cfg = stage_preset("stage1", "smoke").replace(max_steps=6, global_batch=4, max_nonfinite=max_nonfinite)
+    return model, train(cfg, model, _PoisonedCrops(base, poisoned), tmp_path / "out")
+
+
+def test_non_finite_steps_are_skipped_and_counted(tmp_path, smoke_data):
+    model, result = _nan_run(tmp_path, smoke_data, poisoned={3}, max_nonfinite=5)
+    assert result.steps == 6
+    assert 1 <= result.final["skipped_steps"] < 6  # clip 3 lands in one batch per epoch
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_consecutive_non_finite_losses_abort_clearly(tmp_path, smoke_data):
+    from m2d2.train.engine import TrainingDivergedError
+
+    with pytest.raises(TrainingDivergedError, match="3 consecutive non-finite"):
+        _nan_run(tmp_path, smoke_data, poisoned=set(range(20)), max_nonfinite=3)

@@ -32,6 +32,17 @@ from m2d2.pipeline import PipelineConfig
 # task's launch topology when the task is defined (issue "Distributed training" moves this into the config).
 NNODES = int(os.environ.get("M2D2_NNODES", "1"))
 NPROC_PER_NODE = int(os.environ.get("M2D2_NPROC_PER_NODE", "1"))
+# Rendezvous: stragglers on a busy cluster need more than torch's 60-s store read timeout (flytekit PR #3419).
+RDZV_TIMEOUT_S = int(os.environ.get("M2D2_RDZV_TIMEOUT_S", "1800"))
+TRAIN_ENV = {**{"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+             # NCCL: fail a hung collective (e.g. a peer OOM) instead of blocking for the 10-min default + restarts.
+             "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC": "300", "NCCL_DEBUG": "WARN"}
+
+
+def _elastic() -> Elastic:
+    return Elastic(nnodes=NNODES, nproc_per_node=NPROC_PER_NODE, max_restarts=0, increase_shared_mem=False,
+                   rdzv_configs={"timeout": RDZV_TIMEOUT_S, "join_timeout": RDZV_TIMEOUT_S,
+                                 "read_timeout": RDZV_TIMEOUT_S})
 TRACKING = ("parent_run_id",)
 ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -139,6 +150,28 @@ def embed_captions(cfg: PipelineConfig, workspace: str, corpus: Corpus, parent_r
     return Artifact(path=_out(out.parent), mlflow_run_id=run_id or "")
 
 
+def _checkpoint_root(cfg: PipelineConfig, workspace: str, stage: str) -> str | None:
+    """``<data_root>/checkpoints/<run_key>/<stage>`` when a run key is given (a relaunch with the same key
+    resumes); otherwise the stage's own output directory, which is stable for identical inputs."""
+    if not cfg.run_key:
+        return None
+    from m2d2.pipeline import rooted
+
+    return str(Path(rooted(cfg, workspace).data_root) / "checkpoints" / cfg.run_key / stage)
+
+
+def _train(fn, *args, **kwargs):
+    """Run a stage; failures worth a retry (lost peer, collective timeout, storage) become Flyte-retryable."""
+    from flytekit.exceptions.user import FlyteRecoverableException
+
+    from m2d2.train.engine import RecoverableTrainingError
+
+    try:
+        return fn(*args, **kwargs)
+    except RecoverableTrainingError as exc:
+        raise FlyteRecoverableException(str(exc)) from exc
+
+
 def _stage_result(output) -> StageResult:
     return StageResult(model=_out(output.export_dir), checkpoint=_out(output.checkpoint_dir),
                        mlflow_run_id=output.mlflow_run_id or "", steps=output.steps,
@@ -146,11 +179,14 @@ def _stage_result(output) -> StageResult:
 
 
 @task(
-    task_config=Elastic(nnodes=NNODES, nproc_per_node=NPROC_PER_NODE),
-    cache=Cache(version="stage1-1", ignored_inputs=TRACKING),
-    environment=ENV,
+    task_config=_elastic(),
+    cache=Cache(version="stage1-2", ignored_inputs=TRACKING),
+    environment=TRAIN_ENV,
     requests=Resources(cpu="4", mem="16Gi"),
     timeout=timedelta(days=7),
+    shared_memory=True,  # /dev/shm for DataLoader workers and NCCL
+    interruptible=True,  # spot nodes; the resumable checkpoints make a preemption cost one checkpoint interval
+    retries=3,
 )
 def stage1(cfg: PipelineConfig, workspace: str, features: Artifact, captions: Artifact,
            parent_run_id: str) -> StageResult:
@@ -159,17 +195,20 @@ def stage1(cfg: PipelineConfig, workspace: str, features: Artifact, captions: Ar
 
     feature_dir, caption_dir = _local(features.path), _local(captions.path)
     out = step_dir(rooted(cfg, workspace), "stage1", cfg.stage1, feature_dir, caption_dir)
-    result = run_stage1(cfg.stage1, feature_dir, str(Path(caption_dir) / "captions.parquet"), str(out),
-                        parent_run_id or None)
+    result = _train(run_stage1, cfg.stage1, feature_dir, str(Path(caption_dir) / "captions.parquet"), str(out),
+                    parent_run_id or None, _checkpoint_root(cfg, workspace, "stage1"))
     return _stage_result(result)
 
 
 @task(
-    task_config=Elastic(nnodes=NNODES, nproc_per_node=NPROC_PER_NODE),
-    cache=Cache(version="stage2-1", ignored_inputs=TRACKING),
-    environment=ENV,
+    task_config=_elastic(),
+    cache=Cache(version="stage2-2", ignored_inputs=TRACKING),
+    environment=TRAIN_ENV,
     requests=Resources(cpu="4", mem="16Gi"),
     timeout=timedelta(days=7),
+    shared_memory=True,  # /dev/shm for DataLoader workers and NCCL
+    interruptible=True,  # spot nodes; the resumable checkpoints make a preemption cost one checkpoint interval
+    retries=3,
 )
 def stage2(cfg: PipelineConfig, workspace: str, features: Artifact, stage1_result: StageResult,
            parent_run_id: str) -> StageResult:
@@ -178,7 +217,8 @@ def stage2(cfg: PipelineConfig, workspace: str, features: Artifact, stage1_resul
 
     feature_dir, stage1_dir = _local(features.path), _local(stage1_result.model)
     out = step_dir(rooted(cfg, workspace), "stage2", cfg.stage2, feature_dir, stage1_dir)
-    return _stage_result(run_stage2(cfg.stage2, feature_dir, stage1_dir, str(out), parent_run_id or None))
+    return _stage_result(_train(run_stage2, cfg.stage2, feature_dir, stage1_dir, str(out), parent_run_id or None,
+                                _checkpoint_root(cfg, workspace, "stage2")))
 
 
 @task(cache=Cache(version="evaluate-1", ignored_inputs=TRACKING), environment=ENV,

@@ -20,7 +20,7 @@ from m2d2.models.clap import AudioProjector, ClipLoss
 from m2d2.models.config import M2D2Config, TransformersTextConfig
 from m2d2.models.encoder import AudioEncoder
 from m2d2.models.m2d import Predictor, TargetEncoder, ema_decay, norm_mse_loss
-from m2d2.models.masking import random_structured_mask, random_unstructured_mask
+from m2d2.models.masking import PatchMask, random_structured_mask, random_unstructured_mask
 from m2d2.models.text import TransformersTextEncoder
 
 log = logging.getLogger(__name__)
@@ -128,48 +128,85 @@ class M2D2(nn.Module):
         return groups
 
     # ------------------------------------------------------------------ training
+    def make_mask(
+        self,
+        batch: int,
+        frames: int,
+        *,
+        mask_ratio: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> PatchMask:
+        """The training mask of the current stage for ``batch`` crops of ``frames`` frames.
+
+        Stage 1: unstructured at ``m2d.mask_ratio`` (0.7). Stage 2: structured at ``mask_ratio`` or
+        ``clap.stage2_mask_ratio`` (0.3). Drawing it outside :meth:`forward` lets the trainer draw one mask for a
+        whole (accumulated) batch from a per-step generator: re-forwards, micro-batch splits and resumed runs all
+        see the same masks.
+        """
+        grid = (self.encoder.grid[0], frames // self.encoder.patch_frames)
+        device = self.logit_scale.device
+        if self.stage == "stage1":
+            return random_unstructured_mask(batch, grid[0] * grid[1], self.config.m2d.mask_ratio, generator, device)
+        ratio = self.config.clap.stage2_mask_ratio if mask_ratio is None else mask_ratio
+        return random_structured_mask(batch, grid, ratio, generator, device)
+
     def forward(
         self,
         lms: torch.Tensor,
         text: torch.Tensor | list[str],
         *,
+        mask: PatchMask | None = None,
         mask_ratio: float | None = None,
         generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
         """Loss parts for a batch of raw (un-normalised) log-mel crops ``[B, n_mels, T]``.
 
-        ``text`` is a batch of precomputed sentence vectors (stage 1) or caption strings (stage 2).
+        ``text`` is a batch of precomputed sentence vectors (stage 1) or caption strings (stage 2). Without
+        ``mask`` one is drawn by :meth:`make_mask` (from ``generator``).
+        """
+        if mask is None:
+            mask = self.make_mask(lms.shape[0], lms.shape[-1], mask_ratio=mask_ratio, generator=generator)
+        parts = self.forward_features(lms, text, mask)
+        return self.losses(parts, parts["audio"], parts["text"])
+
+    def forward_features(self, lms: torch.Tensor, text: torch.Tensor | list[str],
+                         mask: PatchMask) -> dict[str, torch.Tensor]:
+        """CLAP features (``audio``, ``text``) and, in stage 1, the micro-batch's ``loss_m2d``.
+
+        Split from :meth:`losses` so that a trainer can cache features of the whole accumulated batch and
+        re-forward one micro-batch at a time against all of them (contrastive gradient accumulation).
         """
         x = self.normalize(lms)
         if self.stage == "stage1":
-            return self._forward_stage1(x, text, generator)
-        return self._forward_stage2(x, text, mask_ratio, generator)
-
-    def _forward_stage1(self, x, text, generator) -> dict[str, torch.Tensor]:
-        cfg = self.config
-        tokens = self.encoder.embed(x)
-        batch, num_patches, _ = tokens.shape
-        mask = random_unstructured_mask(batch, num_patches, cfg.m2d.mask_ratio, generator, tokens.device)
-        visible = self.encoder.forward_tokens(tokens, mask.ids_keep)
-        prediction = self.predictor(visible, mask)
-        with torch.no_grad():
-            masked = torch.gather(tokens.detach(), 1, mask.ids_masked[..., None].expand(-1, -1, tokens.shape[-1]))
-            target = self.target(torch.cat([self.encoder.cls(batch), masked], dim=1))[:, 1:]
-        loss_m2d = norm_mse_loss(prediction, target, cfg.m2d.target_norm_eps)
-        loss_clap = self.clip_loss(self.audio_proj(visible[:, 1:]), self.encode_clap_text(text), self.logit_scale)
-        loss = cfg.clap.lambda_m2d * loss_m2d + cfg.clap.lambda_clap * loss_clap
-        return {"loss": loss, "loss_m2d": loss_m2d.detach(), "loss_clap": loss_clap.detach()}
-
-    def _forward_stage2(self, x, text, mask_ratio, generator) -> dict[str, torch.Tensor]:
-        ratio = self.config.clap.stage2_mask_ratio if mask_ratio is None else mask_ratio
+            tokens = self.encoder.embed(x)
+            visible = self.encoder.forward_tokens(tokens, mask.ids_keep)
+            prediction = self.predictor(visible, mask)
+            with torch.no_grad():
+                masked = torch.gather(tokens.detach(), 1, mask.ids_masked[..., None].expand(-1, -1, tokens.shape[-1]))
+                target = self.target(torch.cat([self.encoder.cls(x.shape[0]), masked], dim=1))[:, 1:]
+            loss_m2d = norm_mse_loss(prediction, target, self.config.m2d.target_norm_eps)
+            return {"audio": self.audio_proj(visible[:, 1:]), "text": self.encode_clap_text(text),
+                    "loss_m2d": loss_m2d}
         encoder_trains = any(p.requires_grad for p in self.encoder.parameters())
         with torch.set_grad_enabled(encoder_trains and torch.is_grad_enabled()):
-            tokens = self.encoder.embed(x)
-            grid = (self.encoder.grid[0], tokens.shape[1] // self.encoder.grid[0])
-            mask = random_structured_mask(tokens.shape[0], grid, ratio, generator, tokens.device)
-            visible = self.encoder.forward_tokens(tokens, mask.ids_keep)
-        loss = self.clip_loss(self.audio_proj(visible[:, 1:]), self.encode_clap_text(text), self.logit_scale)
-        return {"loss": loss, "loss_clap": loss.detach()}
+            visible = self.encoder(x, mask.ids_keep)
+        return {"audio": self.audio_proj(visible[:, 1:]), "text": self.encode_clap_text(text)}
+
+    def losses(self, parts: dict[str, torch.Tensor], audio: torch.Tensor, text: torch.Tensor,
+               m2d_weight: float = 1.0, logit_scale_grad: bool = True) -> dict[str, torch.Tensor]:
+        """``loss = λ_m2d · m2d_weight · L_m2d + λ_clap · L_clap(audio, text)`` (stage 2: ``L_clap`` only).
+
+        ``audio``/``text`` may be the features of a whole accumulated batch with only this micro-batch's slice
+        carrying gradients; ``m2d_weight`` (1/M) and ``logit_scale_grad`` (True for one micro-batch only) make the
+        accumulated gradient equal to that of the full batch.
+        """
+        scale = self.logit_scale if logit_scale_grad else self.logit_scale.detach()
+        loss_clap = self.clip_loss(audio, text, scale)
+        if "loss_m2d" not in parts:
+            return {"loss": loss_clap, "loss_clap": loss_clap.detach()}
+        cfg = self.config.clap
+        loss = cfg.lambda_m2d * m2d_weight * parts["loss_m2d"] + cfg.lambda_clap * loss_clap
+        return {"loss": loss, "loss_m2d": parts["loss_m2d"].detach(), "loss_clap": loss_clap.detach()}
 
     @torch.no_grad()
     def after_optimizer_step(self, step: int, total_steps: int) -> dict[str, float]:

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from m2d2.io import resolve_model_path
 from m2d2.models.config import TransformersTextConfig
-from m2d2.text.offline import resolve_model_path
 
 
 def _build_transformer(config: TransformersTextConfig) -> nn.Module:

@@ -6,30 +6,15 @@ Models are loaded only from local directories (or a directory shipped inside a P
 
 from __future__ import annotations
 
-import importlib
 import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from m2d2.io import resolve_model_path
 from m2d2.models.config import OfflineTextConfig
 
 KINDS = ("hf-mean-pool", "hf-cls", "nv-embed-v2")
-
-
-def resolve_model_path(path: str) -> str:
-    """Turn ``package:<module>`` into the directory that module ships; check a plain path exists."""
-    if path.startswith("package:"):
-        module_name = path.removeprefix("package:")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise FileNotFoundError(f"text model package {module_name!r} is not installed ({exc})") from exc
-        return str(module.get_model_path())
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"text model directory {path!r} does not exist (models are never downloaded)")
-    return path
 
 
 class OfflineTextEncoder:

@@ -26,12 +26,16 @@ class TrainStageConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 3.0
+    accum_steps: int = 1  # micro-batches per step; contrastive negatives still span the whole global batch
     max_steps: int = 0  # > 0 caps the schedule (smoke tests); 0 = epochs x steps per epoch
     crop_frames: int = 0  # 0 = the model's input_frames
     mask_ratio: float = -1.0  # stage 2 only; < 0 = the model's stage2_mask_ratio (0.3), 0.0 for stage 2.1
     seed: int = 0
     log_every: int = 10
     num_workers: int = 0
+    checkpoint_every: int = 0  # steps between resumable checkpoints; 0 = only the final one
+    keep_checkpoints: int = 3
+    max_nonfinite: int = 10  # consecutive NaN/inf losses (each step skipped) before aborting
     # distribution (read by the Flyte Elastic task and the DeepSpeed engine)
     nnodes: int = 1
     nproc_per_node: int = 1

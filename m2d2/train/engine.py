@@ -6,7 +6,6 @@ the step, the post-step hooks (EMA, logit-scale clamp), logging on rank 0, and t
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -19,17 +18,17 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 
 from m2d2.data.loader import CropDataset, collate
-from m2d2.io import atomic_write_bytes
-from m2d2.models import M2D2
+from m2d2.models import M2D2, PatchMask
+from m2d2.train.checkpoint import CheckpointManager
 from m2d2.train.config import TrainStageConfig
 
 log = logging.getLogger(__name__)
 
+FAULT_EXIT_CODE = 75
 EXPORT_DIR = "model"
-CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_DIR = "checkpoints"
 
 
 @dataclass
@@ -110,8 +109,8 @@ def deepspeed_config(cfg: TrainStageConfig, world: int, device: torch.device) ->
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     return {
         "train_batch_size": cfg.global_batch,
-        "train_micro_batch_size_per_gpu": cfg.global_batch // world,
-        "gradient_accumulation_steps": 1,
+        "train_micro_batch_size_per_gpu": cfg.global_batch // world // cfg.accum_steps,
+        "gradient_accumulation_steps": cfg.accum_steps,
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": {"stage": cfg.zero_stage},
         "bf16": {"enabled": bf16},
@@ -120,29 +119,140 @@ def deepspeed_config(cfg: TrainStageConfig, world: int, device: torch.device) ->
     }
 
 
+class TrainingDivergedError(RuntimeError):
+    """Too many consecutive non-finite losses: retrying would not help."""
+
+
+class RecoverableTrainingError(RuntimeError):
+    """A failure worth retrying from the last checkpoint (lost rank, collective timeout, storage hiccup).
+
+    The Flyte task turns it into ``FlyteRecoverableException`` (the library never imports flytekit).
+    """
+
+
+@dataclass
+class TrainState:
+    """Where a run is; stored in every checkpoint."""
+
+    step: int = 0
+    skipped_steps: int = 0
+    consecutive_nonfinite: int = 0
+
+
+def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
+    """Masks of a step depend on (seed, step, rank) only: re-forwards, micro-batch splits and resumed runs agree."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed((seed * 1_000_003 + step) * 4099 + rank)
+    return gen
+
+
+def _memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _micro_batches(lms: torch.Tensor, text, mask: PatchMask, accum: int):
+    size = lms.shape[0] // accum
+    for k in range(accum):
+        part = slice(k * size, (k + 1) * size)
+        yield lms[part], text[part], PatchMask(mask.ids_keep[part], mask.ids_masked[part])
+
+
+def _all_finite(loss: torch.Tensor) -> bool:
+    """Agree across ranks, so that every rank skips (or takes) the same steps."""
+    flag = torch.tensor([1.0 if bool(torch.isfinite(loss.detach()).all()) else 0.0], device=loss.device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
+def train_step(engine, model: M2D2, lms: torch.Tensor, text, mask: PatchMask,
+               accum: int) -> dict[str, torch.Tensor] | None:
+    """One optimiser step over the local batch in ``accum`` micro-batches; None if the loss was not finite.
+
+    With ``accum > 1`` the CLAP negatives still span the whole batch (open_clip's scheme): features of every
+    micro-batch are first computed without gradient, then each micro-batch is re-forwarded with gradient and
+    its loss taken against all cached features. Its M2D term is weighted 1/accum and the logit scale gets its
+    gradient from one micro-batch only, so the summed gradient equals the unaccumulated step's.
+    """
+    if accum == 1:
+        parts = model.forward_features(lms, text, mask)
+        out = model.losses(parts, parts["audio"], parts["text"])
+        if not _all_finite(out["loss"]):
+            return None
+        engine.backward(out["loss"], scale_wrt_gas=False)
+        engine.step()
+        return out
+    micro = list(_micro_batches(lms, text, mask, accum))
+    with torch.no_grad():
+        cached = [model.forward_features(*m) for m in micro]
+        audio, texts = [c["audio"] for c in cached], [c["text"] for c in cached]
+        summary = {"loss_m2d": torch.stack([c["loss_m2d"] for c in cached]).mean()} if "loss_m2d" in cached[0] else {}
+        full = model.losses(summary, torch.cat(audio), torch.cat(texts))
+    if not _all_finite(full["loss"]):
+        return None
+    for k, batch in enumerate(micro):
+        live = model.forward_features(*batch)
+        all_audio = torch.cat([live["audio"] if j == k else a for j, a in enumerate(audio)])
+        all_text = torch.cat([live["text"] if j == k else t for j, t in enumerate(texts)])
+        out = model.losses(live, all_audio, all_text, m2d_weight=1.0 / accum, logit_scale_grad=k == 0)
+        engine.backward(out["loss"], scale_wrt_gas=False)
+        engine.step()
+    return full
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def train(
     cfg: TrainStageConfig,
     model: M2D2,
     dataset: CropDataset,
     out_dir: str | Path,
     run=None,
+    checkpoint_root: str | None = None,
 ) -> TrainResult:
-    """Run ``cfg`` on every rank; rank 0 exports ``<out_dir>/model`` and ``<out_dir>/checkpoint``.
+    """Run ``cfg`` on every rank, resuming from the newest complete checkpoint under ``checkpoint_root``.
 
-    ``run`` is an :class:`m2d2.tracking.StageRun` (a no-op off rank 0) or None.
+    Rank 0 exports ``<out_dir>/model`` (safetensors + config). ``run`` is an :class:`m2d2.tracking.StageRun`
+    (a no-op off rank 0) or None. Collective and storage failures surface as :class:`RecoverableTrainingError`.
     """
+    try:
+        return _train(cfg, model, dataset, Path(out_dir), run, checkpoint_root)
+    except (TrainingDivergedError, ValueError, KeyError, TypeError):
+        raise
+    except (dist.DistError, OSError, TimeoutError) as exc:
+        raise RecoverableTrainingError(f"{cfg.stage}: {type(exc).__name__}: {exc}") from exc
+
+
+def _train(cfg: TrainStageConfig, model: M2D2, dataset: CropDataset, out_dir: Path, run,
+           checkpoint_root: str | None) -> TrainResult:
     import deepspeed
+    from tqdm import tqdm
 
     rank, world = init_distributed(cfg.timeout_minutes)
     device = device_for_rank()
-    out_dir = Path(out_dir)
+    local_batch = cfg.global_batch // world
+    if cfg.global_batch % world or local_batch % cfg.accum_steps:
+        raise ValueError(f"global batch {cfg.global_batch} must split into {world} ranks x {cfg.accum_steps} "
+                         "equal micro-batches")
     sampler = torch.utils.data.distributed.DistributedSampler(
         dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True
     )
-    micro = cfg.global_batch // world
-    loader = torch.utils.data.DataLoader(dataset, batch_size=micro, sampler=sampler, drop_last=True,
-                                         collate_fn=collate, num_workers=cfg.num_workers)
-    steps_per_epoch = len(loader)
+    steps_per_epoch = len(sampler) // local_batch
     if steps_per_epoch == 0:
         raise ValueError(f"{len(dataset)} training clips cannot fill one global batch of {cfg.global_batch}")
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
@@ -152,76 +262,96 @@ def train(
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model.to(device), optimizer=optimizer, config=deepspeed_config(cfg, world, device)
     )
+    manager = CheckpointManager(checkpoint_root or str(out_dir / CHECKPOINT_DIR), keep_last=cfg.keep_checkpoints)
+    state = TrainState()
+    if (latest := manager.latest()) is not None:
+        ckpt = manager.load(latest, rank=rank, world_size=world)
+        model.load_state_dict(ckpt.model)
+        optimizer.load_state_dict(ckpt.rank_state["optimizer"])
+        _set_rng_state(ckpt.rank_state["rng"], device)
+        state = TrainState(**ckpt.meta["train_state"])
+        log.info("%s: resumed from %s at step %d", cfg.stage, manager.step_uri(latest), state.step)
     if run is not None:
         run.log_params({"train": asdict(cfg), "derived": {"lr": cfg.lr, "total_steps": total, "world_size": world,
-                                                          "steps_per_epoch": steps_per_epoch, "warmup_steps": warmup}})
+                                                          "steps_per_epoch": steps_per_epoch, "warmup_steps": warmup,
+                                                          "micro_batch": local_batch // cfg.accum_steps}})
+        if state.step:
+            run.set_tags({"m2d2.resumed_from_step": state.step})
     log.info("%s: %d steps (%d per epoch), world %d, lr %.3g", cfg.stage, total, steps_per_epoch, world, cfg.lr)
-    step, window_start, window_samples, last = 0, time.perf_counter(), 0, {}
-    engine.train()
-    from tqdm import tqdm
 
-    progress = tqdm(total=total, desc=cfg.stage, unit="step", disable=rank != 0, leave=False)
-    epoch = 0
-    while step < total:
+    def save(step: int) -> None:
+        meta = {"train_state": asdict(state), "train_config": asdict(cfg), "model_config": model.config.to_dict()}
+        rank_state = {"optimizer": optimizer.state_dict(), "rng": _rng_state(device)}
+        manager.save(step, model.state_dict() if rank == 0 else None, rank_state, meta, rank, world)
+
+    # Fault injection for resume tests and drills: the process dies right after finishing this step.
+    fault_at = int(os.environ["M2D2_FAULT_AT_STEP"]) if os.environ.get("M2D2_FAULT_AT_STEP") else None
+    engine.train()
+    progress = tqdm(total=total, initial=state.step, desc=cfg.stage, unit="step", disable=rank != 0, leave=False)
+    last: dict[str, float] = {}
+    window_start, window_samples = time.perf_counter(), 0
+    kwargs = {"mask_ratio": cfg.mask_ratio} if cfg.mask_ratio >= 0 else {}
+    while state.step < total:
+        epoch, first_batch = divmod(state.step, steps_per_epoch)
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
+        indices = list(sampler)
+        batches = [indices[b * local_batch:(b + 1) * local_batch] for b in range(first_batch, steps_per_epoch)]
+        # Its own generator: a DataLoader otherwise draws its worker seed from the global RNG, which would make
+        # a resumed run's dropout masks (stage 2's text encoder) differ from an uninterrupted run's.
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
+                                             num_workers=cfg.num_workers,
+                                             generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
         for lms, text in loader:
-            if step >= total:
+            if state.step >= total:
                 break
-            lr = lr_at(step, total, warmup, cfg.lr, cfg.min_lr)
+            lr = lr_at(state.step, total, warmup, cfg.lr, cfg.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             lms = lms.to(device, non_blocking=True)
             if isinstance(text, torch.Tensor):
                 text = text.to(device, non_blocking=True)
-            kwargs = {"mask_ratio": cfg.mask_ratio} if cfg.stage == "stage2" and cfg.mask_ratio >= 0 else {}
-            out = engine(lms, text, **kwargs)
-            loss = out["loss"]
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{cfg.stage}: non-finite loss {loss.item()} at step {step}")
-            engine.backward(loss)
-            engine.step()
-            hooks = model.after_optimizer_step(step, total)
-            step += 1
+            gen = step_generator(cfg.seed, state.step, rank, device)
+            mask = model.make_mask(lms.shape[0], lms.shape[-1], generator=gen, **kwargs)
+            out = train_step(engine, model, lms, text, mask, cfg.accum_steps)
+            if out is None:
+                state.skipped_steps += 1
+                state.consecutive_nonfinite += 1
+                log.warning("%s: non-finite loss at step %d, step skipped (%d in a row)", cfg.stage, state.step,
+                            state.consecutive_nonfinite)
+                if state.consecutive_nonfinite >= cfg.max_nonfinite:
+                    raise TrainingDivergedError(f"{cfg.stage}: {state.consecutive_nonfinite} consecutive non-finite "
+                                                f"losses up to step {state.step}; lower the lr or check the data")
+            else:
+                state.consecutive_nonfinite = 0
+            hooks = model.after_optimizer_step(state.step, total) if out is not None else {}
+            state.step += 1
             window_samples += cfg.global_batch
             progress.update(1)
-            if step % cfg.log_every == 0 or step == total:
+            if out is not None and (state.step % cfg.log_every == 0 or state.step == total):
                 elapsed = time.perf_counter() - window_start
                 last = {k: float(v.detach()) for k, v in out.items()}
                 last.update(hooks)
+                last.update({"lr": lr, "epoch": epoch, "samples_per_s": window_samples / max(elapsed, 1e-9),
+                             "skipped_steps": state.skipped_steps, "memory_mb": _memory_mb(device)})
                 grad_norm = engine.get_global_grad_norm()
-                last.update({"lr": lr, "epoch": epoch, "samples_per_s": window_samples / max(elapsed, 1e-9)})
                 if grad_norm is not None:
                     last["grad_norm"] = float(grad_norm)
                 if run is not None:
-                    run.log_metrics(last, step=step)
+                    run.log_metrics(last, step=state.step)
                 progress.set_postfix(loss=f"{last['loss']:.4f}")
                 window_start, window_samples = time.perf_counter(), 0
-        epoch += 1
+            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step < total:
+                save(state.step)
+            if fault_at is not None and state.step == fault_at:
+                log.error("%s: M2D2_FAULT_AT_STEP=%d: simulating a crash", cfg.stage, fault_at)
+                os._exit(FAULT_EXIT_CODE)  # no cleanup, no flush: what a killed pod looks like
     progress.close()
-    export_dir, checkpoint_dir = out_dir / EXPORT_DIR, out_dir / CHECKPOINT_DIR
+    if manager.latest() != state.step:
+        save(state.step)
+    export_dir = out_dir / EXPORT_DIR
     if rank == 0:
         model.save_pretrained(str(export_dir))
-        save_training_checkpoint(model, optimizer, checkpoint_dir, step=step, epoch=epoch, config=asdict(cfg))
     dist.barrier()
-    return TrainResult(steps=step, export_dir=str(export_dir), checkpoint_dir=str(checkpoint_dir), final=last)
-
-
-def save_training_checkpoint(model: M2D2, optimizer, directory: Path, step: int, epoch: int,
-                             config: dict[str, Any]) -> None:
-    """Full model state (target and predictor included) + optimizer + position; ``state.json`` written last.
-
-    Loadable without unpickling code objects: weights are safetensors, the optimizer state is a tensor-only
-    dict read back with ``torch.load(weights_only=True)``.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = directory / ".model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, directory / "model.safetensors")
-    tmp = directory / ".optimizer.pt.tmp"
-    torch.save(optimizer.state_dict(), tmp)
-    os.replace(tmp, directory / "optimizer.pt")
-    meta = {"step": step, "epoch": epoch, "train_config": config, "model_config": model.config.to_dict(),
-            "rng": {"torch": torch.get_rng_state().tolist()}}
-    atomic_write_bytes(directory / "state.json", json.dumps(meta).encode())
+    return TrainResult(steps=state.step, export_dir=str(export_dir), checkpoint_dir=manager.step_uri(state.step),
+                       final=last)

@@ -37,7 +37,7 @@ def _crop(cfg: TrainStageConfig, model: M2D2) -> int:
 
 
 def run_stage1(cfg: TrainStageConfig, feature_dir: str, caption_cache: str, out_dir: str,
-               parent_run_id: str | None = None) -> StageOutput:
+               parent_run_id: str | None = None, checkpoint_root: str | None = None) -> StageOutput:
     """Stage 1: M2D + CLAP from scratch against precomputed sentence vectors of the captions."""
     init_distributed(cfg.timeout_minutes)
     model_cfg = M2D2Config.preset(cfg.model_preset)
@@ -49,33 +49,33 @@ def run_stage1(cfg: TrainStageConfig, feature_dir: str, caption_cache: str, out_
     model = M2D2(model_cfg)
     model.set_stage("stage1")
     dataset = CropDataset(LogMelStore(feature_dir, "train"), _crop(cfg, model), captions, seed=cfg.seed)
-    return _run(cfg, model, dataset, out_dir, parent_run_id, inputs={"features": feature_dir,
-                                                                      "captions": caption_cache})
+    return _run(cfg, model, dataset, out_dir, parent_run_id, checkpoint_root,
+                inputs={"features": feature_dir, "captions": caption_cache})
 
 
 def run_stage2(cfg: TrainStageConfig, feature_dir: str, stage1_export: str, out_dir: str,
-               parent_run_id: str | None = None) -> StageOutput:
+               parent_run_id: str | None = None, checkpoint_root: str | None = None) -> StageOutput:
     """Stage 2: frozen stage-1 encoder, fresh projector, trainable transformers text encoder, CLAP only."""
     init_distributed(cfg.timeout_minutes)
     torch.manual_seed(cfg.seed)
     model = M2D2.from_pretrained(stage1_export)
     model.start_stage2(M2D2Config.preset(cfg.model_preset).text.encoder)
     dataset = CropDataset(LogMelStore(feature_dir, "train"), _crop(cfg, model), captions=None, seed=cfg.seed)
-    return _run(cfg, model, dataset, out_dir, parent_run_id, inputs={"features": feature_dir,
-                                                                      "stage1": stage1_export})
+    return _run(cfg, model, dataset, out_dir, parent_run_id, checkpoint_root,
+                inputs={"features": feature_dir, "stage1": stage1_export})
 
 
 def _run(cfg: TrainStageConfig, model: M2D2, dataset: CropDataset, out_dir: str, parent_run_id: str | None,
-         inputs: dict[str, str]) -> StageOutput:
+         checkpoint_root: str | None, inputs: dict[str, str]) -> StageOutput:
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     run = StageRun(parent_run_id, cfg.stage, tags={f"m2d2.input.{k}": v for k, v in inputs.items()}) \
         if parent_run_id else None
     if run is None:
-        result = train(cfg, model, dataset, out_dir)
+        result = train(cfg, model, dataset, out_dir, checkpoint_root=checkpoint_root)
         return StageOutput(result.export_dir, result.checkpoint_dir, None, result.steps, result.final)
     with run:
         run.log_params({"model": model.config.to_dict()})
-        result = train(cfg, model, dataset, out_dir, run=run)
+        result = train(cfg, model, dataset, out_dir, run=run, checkpoint_root=checkpoint_root)
         run.log_dict({"train": asdict(cfg), "model": model.config.to_dict()}, "config.json")
         if run.run_id is not None:
             run.log_artifacts(result.export_dir, artifact_path="model")

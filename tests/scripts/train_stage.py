@@ -1,0 +1,16 @@
+"""Run one training stage on the smoke data (used by the resume tests under python or torchrun)."""
+
+import json
+import logging
+import sys
+
+from m2d2.train.config import stage_preset
+from m2d2.train.stages import run_stage1, run_stage2
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    stage, features, inputs, out_dir, overrides = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+    cfg = stage_preset(stage, "smoke").replace(**json.loads(overrides))
+    run = run_stage1 if stage == "stage1" else run_stage2
+    result = run(cfg, features, inputs, out_dir)
+    print("RESULT " + json.dumps({"steps": result.steps, "export": result.export_dir}))
