@@ -68,3 +68,14 @@ def smoke_data(tmp_path_factory):
     features, _ = build_features(cfg, corpus)
     captions, _ = build_caption_cache(cfg, corpus)
     return cfg, features, captions
+
+
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK")
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """This process's environment without the rendezvous variables an in-process DeepSpeed init left behind
+    (a child would otherwise try to bind the parent's still-open MASTER_PORT)."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV and k != "M2D2_FAULT_AT_STEP"}
+    env.update(extra)
+    return env

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import subprocess_env
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 import ds_grads  # noqa: E402
@@ -50,7 +50,7 @@ def test_two_process_deepspeed_equals_single_process(tmp_path, stage):
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
          str(SCRIPT), stage, str(out), "float32", "2"],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
+        env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = torch.load(out, weights_only=True)

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import subprocess_env
 from mlflow import MlflowClient
 
 from m2d2.pipeline import PipelineConfig
@@ -34,8 +34,7 @@ def test_smoke_pipeline_runs_twice_and_tracks_everything(tmp_path):
     cfg_file = tmp_path / "smoke.json"
     cfg_file.write_text(json.dumps(dataclasses.asdict(cfg)))
     db = tmp_path / "mlflow.db"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}",
-           "FLYTE_LOCAL_CACHE_ENABLED": "true"}
+    env = subprocess_env(MLFLOW_TRACKING_URI=f"sqlite:///{db}", FLYTE_LOCAL_CACHE_ENABLED="true")
 
     first = _run_pipeline(cfg_file, env, tmp_path)
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import subprocess_env
 from safetensors.torch import load_file
 
 from m2d2.train.engine import FAULT_EXIT_CODE
@@ -26,8 +26,7 @@ def _port() -> int:
 
 def _train(stage: str, features, inputs, out_dir: Path, overrides: dict, nproc: int = 1,
            fault_at: int | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("M2D2_FAULT_AT_STEP", None)
+    env = subprocess_env(OMP_NUM_THREADS="1")
     if fault_at is not None:
         env["M2D2_FAULT_AT_STEP"] = str(fault_at)
     args = [str(SCRIPT), stage, str(features), str(inputs), str(out_dir), json.dumps(overrides)]

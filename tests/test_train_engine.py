@@ -6,13 +6,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import subprocess_env
 
 from m2d2.models import M2D2, M2D2Config
 from m2d2.train.config import TrainStageConfig, stage_preset
@@ -111,8 +111,8 @@ result = stage1(cfg=cfg, workspace=workspace_token(cfg.data_root), features=Arti
                 captions=Artifact(path=_out({str(captions.parent)!r}), mlflow_run_id=""), parent_run_id=parent)
 print("RESULT", json.dumps({{"steps": result.steps, "model": str(result.model.path), "run": result.mlflow_run_id}}))
 """
-    env = {**os.environ, "M2D2_NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env = subprocess_env(M2D2_NPROC_PER_NODE="2", OMP_NUM_THREADS="1",
+                         MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
     proc = subprocess.run([sys.executable, "-c", script, json.dumps(dataclasses.asdict(cfg))], env=env,
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
