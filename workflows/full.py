@@ -172,22 +172,27 @@ def _train(fn, *args, **kwargs):
         raise FlyteRecoverableException(str(exc)) from exc
 
 
+def _training_task(cache_version: str):
+    """The decorator shared by every training stage: Elastic launch, spot-friendly retries, long timeout."""
+    return task(
+        task_config=_elastic(),
+        cache=Cache(version=cache_version, ignored_inputs=TRACKING),
+        environment=TRAIN_ENV,
+        requests=Resources(cpu="4", mem="16Gi"),
+        timeout=timedelta(days=7),
+        shared_memory=True,  # /dev/shm for DataLoader workers and NCCL
+        interruptible=True,  # spot nodes; the resumable checkpoints make a preemption cost one checkpoint interval
+        retries=3,
+    )
+
+
 def _stage_result(output) -> StageResult:
     return StageResult(model=_out(output.export_dir), checkpoint=_out(output.checkpoint_dir),
                        mlflow_run_id=output.mlflow_run_id or "", steps=output.steps,
                        final_loss=float(output.final.get("loss", float("nan"))))
 
 
-@task(
-    task_config=_elastic(),
-    cache=Cache(version="stage1-2", ignored_inputs=TRACKING),
-    environment=TRAIN_ENV,
-    requests=Resources(cpu="4", mem="16Gi"),
-    timeout=timedelta(days=7),
-    shared_memory=True,  # /dev/shm for DataLoader workers and NCCL
-    interruptible=True,  # spot nodes; the resumable checkpoints make a preemption cost one checkpoint interval
-    retries=3,
-)
+@_training_task("stage1-2")
 def stage1(cfg: PipelineConfig, workspace: str, features: Artifact, captions: Artifact,
            parent_run_id: str) -> StageResult:
     from m2d2.pipeline import rooted, step_dir
@@ -200,16 +205,7 @@ def stage1(cfg: PipelineConfig, workspace: str, features: Artifact, captions: Ar
     return _stage_result(result)
 
 
-@task(
-    task_config=_elastic(),
-    cache=Cache(version="stage2-2", ignored_inputs=TRACKING),
-    environment=TRAIN_ENV,
-    requests=Resources(cpu="4", mem="16Gi"),
-    timeout=timedelta(days=7),
-    shared_memory=True,  # /dev/shm for DataLoader workers and NCCL
-    interruptible=True,  # spot nodes; the resumable checkpoints make a preemption cost one checkpoint interval
-    retries=3,
-)
+@_training_task("stage2-2")
 def stage2(cfg: PipelineConfig, workspace: str, features: Artifact, stage1_result: StageResult,
            parent_run_id: str) -> StageResult:
     from m2d2.pipeline import rooted, step_dir

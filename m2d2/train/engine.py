@@ -232,7 +232,7 @@ def train(
     """
     try:
         return _train(cfg, model, dataset, Path(out_dir), run, checkpoint_root)
-    except (TrainingDivergedError, ValueError, KeyError, TypeError):
+    except (TrainingDivergedError, ValueError, KeyError, TypeError, FileNotFoundError):  # retrying cannot help
         raise
     except (dist.DistError, OSError, TimeoutError) as exc:
         raise RecoverableTrainingError(f"{cfg.stage}: {type(exc).__name__}: {exc}") from exc
