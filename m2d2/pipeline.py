@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,7 +130,7 @@ def build_features(cfg: PipelineConfig, corpus_dir: str | Path,
     features = FeatureConfig(norm_crop_frames=crop, norm_samples=cfg.norm_samples, seed=cfg.corpus.seed)
     out = step_dir(cfg, "features", features, corpus_dir)
     run = _tracked(parent_run_id, "features", params={"features": features, "corpus": str(corpus_dir)})
-    with run or _nullcontext():
+    with run or nullcontext():
         stats = extract_features(Path(corpus_dir) / "manifest.parquet", corpus_dir, out, features)
         if run:
             meta = json.loads((out / "stats.json").read_text())
@@ -149,7 +150,7 @@ def build_caption_cache(cfg: PipelineConfig, corpus_dir: str | Path,
     captions = {c for caps in manifest["captions"] for c in caps}
     prompts = {cfg.prompt_template.format(label.replace("_", " ")) for labels in manifest["labels"] for label in labels}
     run = _tracked(parent_run_id, "embed", params={"text_encoder": text, "prompt_template": cfg.prompt_template})
-    with run or _nullcontext():
+    with run or nullcontext():
         rows = embed_captions(captions | prompts, text, out)
         if run:
             run.log_metrics({"unique_captions": len(captions), "prompts": len(prompts), "rows": rows}, step=0)
@@ -233,11 +234,3 @@ def evaluate_stages(
 def _put(results: dict[str, float], prefix: str, metrics: dict[str, float]) -> None:
     """Prefix keys with the model; MLflow metric names cannot hold ``@`` (``a2t_R@1`` becomes ``a2t_R1``)."""
     results.update({f"{prefix}/{k.replace('@', '')}": float(v) for k, v in metrics.items()})
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
