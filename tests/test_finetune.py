@@ -1,28 +1,25 @@
-"""Stage 1.1 fine-tuning blocks: LARS, mixup, SpecAugment, AudioSet sampling, pos-embed resampling, model, mAP."""
+"""Stage 1.1 fine-tuning blocks: the optimiser, mixup, SpecAugment, AudioSet sampling, pos-embed resampling, model, mAP."""
 
 from __future__ import annotations
 
 import logging
-import math
 
 import numpy as np
 import pytest
 import torch
 
+from m2d2.eval.metrics import mean_average_precision
 from m2d2.models import AudioEncoder, EncoderConfig
 from m2d2.models.pos_embed import sincos_2d, truncate_time
 from m2d2.train.finetune import (
-    LARS,
     ClassifierHead,
     FineTuneModel,
     audioset_sample_weights,
     expand_encoder_frames,
     log_mixup_exp,
-    mean_average_precision,
     mixup_batch,
     resample_pos_embed,
     spec_augment,
-    weighted_sampler,
 )
 
 
@@ -35,54 +32,25 @@ def tiny_encoder(input_frames: int = 64) -> AudioEncoder:
     return AudioEncoder(EncoderConfig(input_frames=input_frames, embed_dim=32, depth=1, num_heads=2))
 
 
-# ----------------------------------------------------------------------------- LARS
-def test_lars_two_steps_by_hand():
-    lr, wd, mom, tc = 0.1, 0.5, 0.9, 0.01
-    w = torch.nn.Parameter(torch.tensor([[3.0, 0.0], [0.0, 4.0]]))
-    b = torch.nn.Parameter(torch.tensor([1.0, -1.0]))
-    opt = LARS([w, b], lr=lr, weight_decay=wd, momentum=mom, trust_coefficient=tc)
+# ----------------------------------------------------------------------------- optimiser
+def test_reference_lars_without_weight_decay_is_sgd_momentum():
+    """The reference's ``--optim lars`` is timm ``Lars(momentum=0.9, weight_decay=0)``: no trust ratio then."""
+    from timm.optim import Lars
 
-    # step 1: u = g + wd*w = [[2, 1], [1, 0]], ||u|| = sqrt(6), ||w|| = 5 -> ratio 0.05 / sqrt(6)
-    w.grad = torch.tensor([[0.5, 1.0], [1.0, -2.0]])
-    b.grad = torch.tensor([0.2, 0.4])
-    grads = (w.grad.clone(), b.grad.clone())
-    opt.step()
-    assert torch.equal(w.grad, grads[0]) and torch.equal(b.grad, grads[1])  # grads untouched
-    ratio1 = tc * 5.0 / math.sqrt(6.0)
-    mu_w = ratio1 * torch.tensor([[2.0, 1.0], [1.0, 0.0]])
-    w1 = torch.tensor([[3.0, 0.0], [0.0, 4.0]]) - lr * mu_w
-    mu_b = torch.tensor([0.2, 0.4])
-    b1 = torch.tensor([1.0, -1.0]) - lr * mu_b
-    torch.testing.assert_close(w.detach(), w1)
-    torch.testing.assert_close(b.detach(), b1)
-
-    # step 2: momentum on the trust-scaled update; the bias: plain momentum, no decay, no ratio
-    g2w, g2b = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([-0.1, 0.3])
-    w.grad, b.grad = g2w.clone(), g2b.clone()
-    opt.step()
-    u2 = g2w + wd * w1
-    ratio2 = tc * w1.norm() / u2.norm()
-    mu_w = mom * mu_w + ratio2 * u2
-    mu_b = mom * mu_b + g2b
-    torch.testing.assert_close(w.detach(), w1 - lr * mu_w)
-    torch.testing.assert_close(b.detach(), b1 - lr * mu_b)
-
-
-def test_lars_one_dim_params_not_adapted_or_decayed_and_lr_from_group():
-    b = torch.nn.Parameter(torch.tensor([2.0, -3.0, 0.5]))
-    opt = LARS([b], lr=1.0, weight_decay=10.0, momentum=0.0, trust_coefficient=1e-3)
-    opt.param_groups[0]["lr"] = 0.25  # what a per-step schedule does
-    b.grad = torch.tensor([1.0, 1.0, -2.0])
-    opt.step()
-    torch.testing.assert_close(b.detach(), torch.tensor([1.75, -3.25, 1.0]))
-
-
-def test_lars_zero_norm_gives_ratio_one():
-    w = torch.nn.Parameter(torch.zeros(2, 2))
-    opt = LARS([w], lr=1.0, weight_decay=0.0, momentum=0.0)
-    w.grad = torch.ones(2, 2)
-    opt.step()
-    torch.testing.assert_close(w.detach(), -torch.ones(2, 2))
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(4, 3))
+    lars = Lars([a], lr=2.0, momentum=0.9, weight_decay=0.0)
+    sgd = torch.optim.SGD([b], lr=2.0, momentum=0.9)
+    b.data.copy_(a.data)
+    for _ in range(3):
+        g = torch.randn(4, 3)
+        a.grad, b.grad = g.clone(), g.clone()
+        lars.step()
+        sgd.step()
+    torch.testing.assert_close(a.detach(), b.detach())
+    a.grad = torch.ones(4, 3)
+    Lars([a], lr=1.0, momentum=0.0, weight_decay=0.1).step()  # with decay, the trust ratio scales the update
+    assert not torch.allclose(a.detach(), b.detach() - 1.0)
 
 
 # ----------------------------------------------------------------------------- mixup
@@ -175,17 +143,21 @@ def test_audioset_sample_weights_formula(caplog):
     assert "1 of 5 clips have no label" in caplog.text
 
 
-def test_weighted_sampler_unique_and_clamped(caplog):
+def test_weighted_order_unique_seeded_and_clamped(caplog):
+    from m2d2.data.loader import WeightedOrder
+
     w = audioset_sample_weights([["a"], ["a"], ["a", "b"], ["c"], []])
-    with caplog.at_level(logging.WARNING, logger="m2d2.train.finetune"):
-        sampler = weighted_sampler(w, num_samples=10, generator=gen(0))
+    with caplog.at_level(logging.WARNING, logger="m2d2.data.loader"):
+        order = WeightedOrder(w, num_samples=10, seed=0)
     assert "only 4 clips" in caplog.text
-    drawn = list(sampler)
-    assert len(sampler) == 4 and sorted(drawn) == [0, 1, 2, 3]
-    sampler = weighted_sampler(w, num_samples=3, generator=gen(0))
-    drawn = list(sampler)
+    assert len(order) == 4 and sorted(order.indices(0)) == [0, 1, 2, 3]
+    order = WeightedOrder(w, num_samples=3, seed=0)
+    drawn = order.indices(5)
     assert len(drawn) == 3 and len(set(drawn)) == 3 and 4 not in drawn
-    assert drawn == list(weighted_sampler(w, num_samples=3, generator=gen(0)))
+    assert drawn == WeightedOrder(w, num_samples=3, seed=0).indices(5)
+    assert any(order.indices(e) != drawn for e in range(6, 12))  # each epoch draws anew
+    with pytest.raises(ValueError, match="every sampling weight is 0"):
+        WeightedOrder([0.0, 0.0], 1)
 
 
 # ----------------------------------------------------------------------------- positional table

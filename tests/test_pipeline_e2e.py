@@ -49,8 +49,8 @@ def test_smoke_pipeline_runs_twice_and_tracks_everything(tmp_path):
     first_parent, second_parent = parents
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == first_parent.info.run_id]
     stages = {r.data.tags["m2d2.stage"] for r in children}
-    assert {"features", "embed", "stage1", "stage2", "evaluate"} <= stages
-    for stage in ("stage1", "stage2"):
+    assert {"features", "embed", "stage1", "stage1.1", "stage2", "stage2.1", "evaluate"} <= stages
+    for stage in ("stage1", "stage1.1", "stage2", "stage2.1"):
         run = next(r for r in children if r.data.tags["m2d2.stage"] == stage)
         history = client.get_metric_history(run.info.run_id, "loss")
         assert len(history) >= 3 and all(h.value == h.value for h in history)  # one point per step, finite
@@ -61,13 +61,17 @@ def test_smoke_pipeline_runs_twice_and_tracks_everything(tmp_path):
     s1 = next(r for r in children if r.data.tags["m2d2.stage"] == "stage1")
     assert client.get_metric_history(s1.info.run_id, "ema_decay")
     assert client.get_metric_history(s1.info.run_id, "loss_m2d")
+    s11 = next(r for r in children if r.data.tags["m2d2.stage"] == "stage1.1")
+    assert 0.0 < s11.data.metrics["eval/mAP"] <= 1.0 and "classifier" in {a.path for a in
+                                                                            client.list_artifacts(s11.info.run_id)}
     metrics = first_parent.data.metrics
-    for key in ("stage1/zs_acc", "stage2/zs_acc", "stage1_baseline/zs_acc", "stage2/t2a_R1", "stage1/a2t_mAP10"):
-        assert key in metrics and 0.0 <= metrics[key] <= 1.0
+    for key in ("stage1/zs_acc", "stage2/zs_acc", "stage21/zs_acc", "stage1_baseline/zs_acc", "stage2/t2a_R1",
+                "stage1/a2t_mAP10", "stage11/mAP"):
+        assert key in metrics and 0.0 <= metrics[key] <= 1.0, key
     assert first_parent.data.tags["m2d2.stage1.cache_hit"] == "false"
     # Second execution: every cached stage is a hit and links the run that produced it.
     second_parent = client.get_run(second_parent.info.run_id)
-    for stage in ("features", "embed", "stage1", "stage2", "evaluate"):
+    for stage in ("features", "embed", "stage1", "stage1.1", "stage2", "stage2.1", "evaluate"):
         assert second_parent.data.tags[f"m2d2.{stage}.cache_hit"] == "true", stage
         source = client.get_run(second_parent.data.tags[f"m2d2.{stage}.source_run"])
         assert source.data.tags["mlflow.parentRunId"] == first_parent.info.run_id

@@ -156,6 +156,7 @@ def _nan_run(tmp_path, smoke_data, poisoned, max_nonfinite):
     from m2d2.data.loader import CropDataset
     from m2d2.text.cache import CaptionEmbeddings
     from m2d2.train.engine import train
+    from m2d2.train.objectives import ClapObjective
 
     _, features, captions = smoke_data
     torch.manual_seed(0)
@@ -163,7 +164,7 @@ def _nan_run(tmp_path, smoke_data, poisoned, max_nonfinite):
     model.set_stage("stage1")
     base = CropDataset(LogMelStore(features, "train"), 64, CaptionEmbeddings(captions))
     cfg = stage_preset("stage1", "smoke").replace(max_steps=6, global_batch=4, max_nonfinite=max_nonfinite)
-    return model, train(cfg, model, _PoisonedCrops(base, poisoned), tmp_path / "out")
+    return model, train(cfg, ClapObjective(model), _PoisonedCrops(base, poisoned), tmp_path / "out")
 
 
 def test_non_finite_steps_are_skipped_and_counted(tmp_path, smoke_data):

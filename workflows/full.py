@@ -28,10 +28,11 @@ from flytekitplugins.kfpytorch import Elastic
 
 from m2d2.pipeline import PipelineConfig
 
-# Processes per training node; the demo trains on one CPU process. Read at import time because Flyte fixes a
-# task's launch topology when the task is defined (issue "Distributed training" moves this into the config).
-NNODES = int(os.environ.get("M2D2_NNODES", "1"))
-NPROC_PER_NODE = int(os.environ.get("M2D2_NPROC_PER_NODE", "1"))
+# Launch topology of each training task. Flyte fixes it when a task is defined (registration), and the pod that
+# runs the task imports this module again, so it must resolve the same way there: it comes from the stage presets
+# named by M2D2_TOPOLOGY (``demo``: 1 process; ``paper``: the paper's GPUs per stage), M2D2_NNODES /
+# M2D2_NPROC_PER_NODE override every stage, and the resolved values are put into the task's environment.
+TOPOLOGY = os.environ.get("M2D2_TOPOLOGY", "demo")
 # Rendezvous: stragglers on a busy cluster need more than torch's 60-s store read timeout (flytekit PR #3419).
 RDZV_TIMEOUT_S = int(os.environ.get("M2D2_RDZV_TIMEOUT_S", "1800"))
 TRAIN_ENV = {**{"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
@@ -39,10 +40,22 @@ TRAIN_ENV = {**{"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
              "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC": "300", "NCCL_DEBUG": "WARN"}
 
 
-def _elastic() -> Elastic:
-    return Elastic(nnodes=NNODES, nproc_per_node=NPROC_PER_NODE, max_restarts=0, increase_shared_mem=False,
+def topology(stage: str) -> tuple[int, int]:
+    """``(nnodes, nproc_per_node)`` of ``stage``'s training task (see the comment above)."""
+    from m2d2.train.config import stage_preset
+
+    preset = stage_preset(stage, TOPOLOGY)
+    return (int(os.environ.get("M2D2_NNODES", preset.nnodes)),
+            int(os.environ.get("M2D2_NPROC_PER_NODE", preset.nproc_per_node)))
+
+
+def _elastic(stage: str) -> Elastic:
+    nnodes, nproc = topology(stage)
+    return Elastic(nnodes=nnodes, nproc_per_node=nproc, max_restarts=0, increase_shared_mem=False,
                    rdzv_configs={"timeout": RDZV_TIMEOUT_S, "join_timeout": RDZV_TIMEOUT_S,
                                  "read_timeout": RDZV_TIMEOUT_S})
+
+
 TRACKING = ("parent_run_id",)
 ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -68,6 +81,7 @@ class StageResult:
     mlflow_run_id: str
     steps: int
     final_loss: float
+    metrics: dict[str, float]  # the stage's own evaluation (stage 1.1: tagging mAP); empty for the others
 
 
 @dataclass
@@ -172,12 +186,14 @@ def _train(fn, *args, **kwargs):
         raise FlyteRecoverableException(str(exc)) from exc
 
 
-def _training_task(cache_version: str):
+def _training_task(stage: str, cache_version: str):
     """The decorator shared by every training stage: Elastic launch, spot-friendly retries, long timeout."""
+    nnodes, nproc = topology(stage)
     return task(
-        task_config=_elastic(),
+        task_config=_elastic(stage),
         cache=Cache(version=cache_version, ignored_inputs=TRACKING),
-        environment=TRAIN_ENV,
+        environment={**TRAIN_ENV, "M2D2_TOPOLOGY": TOPOLOGY, "M2D2_NNODES": str(nnodes),
+                     "M2D2_NPROC_PER_NODE": str(nproc)},
         requests=Resources(cpu="4", mem="16Gi"),
         timeout=timedelta(days=7),
         shared_memory=True,  # /dev/shm for DataLoader workers and NCCL
@@ -189,50 +205,72 @@ def _training_task(cache_version: str):
 def _stage_result(output) -> StageResult:
     return StageResult(model=_out(output.export_dir), checkpoint=_out(output.checkpoint_dir),
                        mlflow_run_id=output.mlflow_run_id or "", steps=output.steps,
-                       final_loss=float(output.final.get("loss", float("nan"))))
+                       final_loss=float(output.final.get("loss", float("nan"))), metrics=dict(output.metrics))
 
 
-@_training_task("stage1-2")
+def _run_stage(name: str, cfg: PipelineConfig, workspace: str, features: Artifact, input_dir: str,
+               parent_run_id: str) -> StageResult:
+    """Run training stage ``name`` on the feature store and its input (captions or the previous export)."""
+    from m2d2.pipeline import rooted, step_dir
+    from m2d2.train import stages
+
+    stage_cfg = {"stage1": cfg.stage1, "stage1.1": cfg.stage11, "stage2": cfg.stage2, "stage2.1": cfg.stage21}[name]
+    run = {"stage1": stages.run_stage1, "stage1.1": stages.run_stage11, "stage2": stages.run_stage2,
+           "stage2.1": stages.run_stage21}[name]
+    feature_dir = _local(features.path)
+    out = step_dir(rooted(cfg, workspace), name, stage_cfg, feature_dir, input_dir)
+    return _stage_result(_train(run, stage_cfg, feature_dir, input_dir, str(out), parent_run_id or None,
+                                _checkpoint_root(cfg, workspace, name)))
+
+
+@_training_task("stage1", "stage1-3")
 def stage1(cfg: PipelineConfig, workspace: str, features: Artifact, captions: Artifact,
            parent_run_id: str) -> StageResult:
-    from m2d2.pipeline import rooted, step_dir
-    from m2d2.train.stages import run_stage1
-
-    feature_dir, caption_dir = _local(features.path), _local(captions.path)
-    out = step_dir(rooted(cfg, workspace), "stage1", cfg.stage1, feature_dir, caption_dir)
-    result = _train(run_stage1, cfg.stage1, feature_dir, str(Path(caption_dir) / "captions.parquet"), str(out),
-                    parent_run_id or None, _checkpoint_root(cfg, workspace, "stage1"))
-    return _stage_result(result)
+    """Stage 1: M2D + CLAP from scratch against the offline caption vectors."""
+    caption_file = str(Path(_local(captions.path)) / "captions.parquet")
+    return _run_stage("stage1", cfg, workspace, features, caption_file, parent_run_id)
 
 
-@_training_task("stage2-2")
-def stage2(cfg: PipelineConfig, workspace: str, features: Artifact, stage1_result: StageResult,
+@_training_task("stage1.1", "stage11-1")
+def stage11(cfg: PipelineConfig, workspace: str, features: Artifact, stage1_result: StageResult,
+            parent_run_id: str) -> StageResult:
+    """Stage 1.1: supervised fine-tuning of the stage-1 encoder (608 -> 1001 frames in the paper)."""
+    return _run_stage("stage1.1", cfg, workspace, features, _local(stage1_result.model), parent_run_id)
+
+
+@_training_task("stage2", "stage2-3")
+def stage2(cfg: PipelineConfig, workspace: str, features: Artifact, stage11_result: StageResult,
            parent_run_id: str) -> StageResult:
-    from m2d2.pipeline import rooted, step_dir
-    from m2d2.train.stages import run_stage2
-
-    feature_dir, stage1_dir = _local(features.path), _local(stage1_result.model)
-    out = step_dir(rooted(cfg, workspace), "stage2", cfg.stage2, feature_dir, stage1_dir)
-    return _stage_result(_train(run_stage2, cfg.stage2, feature_dir, stage1_dir, str(out), parent_run_id or None,
-                                _checkpoint_root(cfg, workspace, "stage2")))
+    """Stage 2: frozen stage-1.1 encoder, fresh projector, trainable text encoder."""
+    return _run_stage("stage2", cfg, workspace, features, _local(stage11_result.model), parent_run_id)
 
 
-@task(cache=Cache(version="evaluate-1", ignored_inputs=TRACKING), environment=ENV,
+@_training_task("stage2.1", "stage21-1")
+def stage21(cfg: PipelineConfig, workspace: str, features: Artifact, stage2_result: StageResult,
+            parent_run_id: str) -> StageResult:
+    """Stage 2.1: stage 2 continued without masking on the curated subset."""
+    return _run_stage("stage2.1", cfg, workspace, features, _local(stage2_result.model), parent_run_id)
+
+
+@task(cache=Cache(version="evaluate-2", ignored_inputs=TRACKING), environment=ENV,
       requests=Resources(cpu="4", mem="16Gi"))
 def evaluate(cfg: PipelineConfig, workspace: str, features: Artifact, captions: Artifact,
-             stage1_result: StageResult, stage2_result: StageResult, parent_run_id: str) -> EvalResult:
+             stage1_result: StageResult, stage11_result: StageResult, stage2_result: StageResult,
+             stage21_result: StageResult, parent_run_id: str) -> EvalResult:
     from m2d2.pipeline import evaluate_stages
 
     metrics, run_id = evaluate_stages(
         cfg, _local(features.path), Path(_local(captions.path)) / "captions.parquet",
-        _local(stage1_result.model), _local(stage2_result.model), parent_run_id or None,
+        _local(stage1_result.model), _local(stage11_result.model), _local(stage2_result.model),
+        _local(stage21_result.model), parent_run_id or None, stage11_metrics=stage11_result.metrics,
     )
     return EvalResult(metrics=metrics, mlflow_run_id=run_id or "")
 
 
 @task(environment=ENV)
 def finish_tracking(cfg: PipelineConfig, workspace: str, parent_run_id: str, features: Artifact, captions: Artifact,
-                    stage1_result: StageResult, stage2_result: StageResult, evaluation: EvalResult) -> FlyteFile:
+                    stage1_result: StageResult, stage11_result: StageResult, stage2_result: StageResult,
+                    stage21_result: StageResult, evaluation: EvalResult) -> FlyteFile:
     """Record which stages were cache hits (and the runs that produced them), the headline metrics, and close.
 
     Writes ``<data_root>/summaries/<parent run>.json`` and ``<data_root>/latest-summary.json`` (``m2d2 summary``).
@@ -245,14 +283,16 @@ def finish_tracking(cfg: PipelineConfig, workspace: str, parent_run_id: str, fea
     from m2d2.tracking import finish_pipeline_run, record_cache_hits, tracking_uri
 
     sources = {"features": features.mlflow_run_id, "embed": captions.mlflow_run_id,
-               "stage1": stage1_result.mlflow_run_id, "stage2": stage2_result.mlflow_run_id,
+               "stage1": stage1_result.mlflow_run_id, "stage1.1": stage11_result.mlflow_run_id,
+               "stage2": stage2_result.mlflow_run_id, "stage2.1": stage21_result.mlflow_run_id,
                "evaluate": evaluation.mlflow_run_id}
     hits = record_cache_hits(parent_run_id, sources)
     finish_pipeline_run(parent_run_id, metrics=evaluation.metrics,
                         tags={"m2d2.cache_hits": ",".join(s for s, hit in hits.items() if hit) or "none"})
     summary = {"mlflow_parent_run_id": parent_run_id, "tracking_uri": tracking_uri(), "cache_hits": hits,
                "metrics": evaluation.metrics, "stage1_model": _local(stage1_result.model),
-               "stage2_model": _local(stage2_result.model)}
+               "stage11_model": _local(stage11_result.model), "stage2_model": _local(stage2_result.model),
+               "stage21_model": _local(stage21_result.model)}
     blob = json.dumps(summary, indent=2).encode()
     root = Path(rooted(cfg, workspace).data_root)
     path = root / "summaries" / f"{parent_run_id}.json"
@@ -263,15 +303,18 @@ def finish_tracking(cfg: PipelineConfig, workspace: str, parent_run_id: str, fea
 
 @workflow
 def full(cfg: PipelineConfig = PipelineConfig()) -> FlyteFile:  # noqa: B008 (Flyte reads defaults here)
-    """corpus -> features + caption embeddings -> stage 1 -> stage 2 -> evaluate -> summary (MLflow throughout)."""
+    """corpus -> features + caption embeddings -> stages 1, 1.1, 2, 2.1 -> evaluate -> summary (MLflow throughout)."""
     workspace = open_workspace(cfg=cfg)
     parent = start_tracking(cfg=cfg)
     corpus = make_corpus(cfg=cfg, workspace=workspace)
     features = make_features(cfg=cfg, workspace=workspace, corpus=corpus, parent_run_id=parent)
     captions = embed_captions(cfg=cfg, workspace=workspace, corpus=corpus, parent_run_id=parent)
     s1 = stage1(cfg=cfg, workspace=workspace, features=features, captions=captions, parent_run_id=parent)
-    s2 = stage2(cfg=cfg, workspace=workspace, features=features, stage1_result=s1, parent_run_id=parent)
+    s11 = stage11(cfg=cfg, workspace=workspace, features=features, stage1_result=s1, parent_run_id=parent)
+    s2 = stage2(cfg=cfg, workspace=workspace, features=features, stage11_result=s11, parent_run_id=parent)
+    s21 = stage21(cfg=cfg, workspace=workspace, features=features, stage2_result=s2, parent_run_id=parent)
     scores = evaluate(cfg=cfg, workspace=workspace, features=features, captions=captions, stage1_result=s1,
-                      stage2_result=s2, parent_run_id=parent)
-    return finish_tracking(cfg=cfg, workspace=workspace, parent_run_id=parent, features=features, captions=captions, stage1_result=s1,
-                           stage2_result=s2, evaluation=scores)
+                      stage11_result=s11, stage2_result=s2, stage21_result=s21, parent_run_id=parent)
+    return finish_tracking(cfg=cfg, workspace=workspace, parent_run_id=parent, features=features, captions=captions,
+                           stage1_result=s1, stage11_result=s11, stage2_result=s2, stage21_result=s21,
+                           evaluation=scores)

@@ -32,6 +32,7 @@ QUARANTINE_FILE = "quarantine.parquet"
 INDEX_SCHEMA = pa.schema(
     [
         ("clip_id", pa.string()),
+        ("source", pa.string()),
         ("offset", pa.int64()),
         ("frames", pa.int64()),
         ("labels", pa.list_(pa.string())),
@@ -78,7 +79,8 @@ def _extract_split(rows: list[dict], corpus_root: Path, out_dir: Path, split: st
         with torch.inference_mode():
             lms = frontend(wave).numpy()
         mels.append(lms.astype(np.float16))
-        index.append({"clip_id": row["clip_id"], "offset": offset, "frames": lms.shape[-1],
+        index.append({"clip_id": row["clip_id"], "source": row.get("source") or "", "offset": offset,
+                      "frames": lms.shape[-1],
                       "labels": list(row.get("labels") or []), "captions": list(row.get("captions") or [])})
         offset += lms.shape[-1]
     n_mels = frontend.config.n_mels
@@ -143,6 +145,7 @@ class LogMelStore(Sequence):
         index = pq.read_table(index_path).to_pydict()
         self.split = split
         self.clip_ids: list[str] = index["clip_id"]
+        self.sources: list[str] = index.get("source") or [""] * len(self.clip_ids)
         self.labels: list[list[str]] = index["labels"]
         self.captions: list[list[str]] = index["captions"]
         self._offsets = np.asarray(index["offset"], dtype=np.int64)

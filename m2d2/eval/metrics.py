@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -192,3 +193,30 @@ def mean_and_std(values: Sequence[dict[str, float]]) -> dict[str, float]:
         out[key] = mean
         out[f"{key}_std"] = math.sqrt(var)
     return out
+
+
+def mean_average_precision(scores: torch.Tensor | np.ndarray, targets: torch.Tensor | np.ndarray) -> float:
+    """Macro mAP over the classes that have at least one positive (the others are skipped, not counted as 0).
+
+    Per class, clips are ranked by descending score; **ties are broken by index** (a stable sort: the lower
+    index ranks first). ``AP = mean over positives of precision@rank(positive)``. With distinct scores this
+    equals sklearn's ``average_precision_score``; with ties sklearn scores the tied group at once instead.
+    """
+    s = scores.detach().cpu().double().numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores, float)
+    t = targets.detach().cpu().double().numpy() if isinstance(targets, torch.Tensor) else np.asarray(targets, float)
+    if s.ndim != 2 or s.shape != t.shape or s.shape[0] == 0:
+        raise ValueError(f"scores and targets must be non-empty [N, C] of equal shape, got {s.shape} and {t.shape}")
+    if not np.isfinite(s).all():
+        raise ValueError("scores have NaN or infinite values")
+    if not np.isin(t, (0.0, 1.0)).all():
+        raise ValueError("targets must be binary (0/1)")
+    order = np.argsort(-s, axis=0, kind="stable")
+    hits = np.take_along_axis(t, order, axis=0)  # [N, C] targets in ranked order
+    n_pos = hits.sum(axis=0)
+    valid = n_pos > 0
+    if not valid.any():
+        raise ValueError("no class has a positive example: mAP is undefined")
+    ranks = np.arange(1, s.shape[0] + 1, dtype=np.float64)[:, None]
+    precision = np.cumsum(hits, axis=0) / ranks
+    ap = (precision * hits).sum(axis=0)[valid] / n_pos[valid]
+    return float(ap.mean())

@@ -123,6 +123,10 @@ class CheckpointManager:
             meta=json.loads(io.read_bytes(io.join(uri, "meta.json"))),
         )
 
+    def load_rank_state(self, step: int, rank: int) -> dict[str, Any]:
+        """One rank's state of checkpoint ``step`` (DeepSpeed's sharded optimizers restore from every rank's)."""
+        return load_tensor_bytes(io.read_bytes(io.join(self.step_uri(step), f"rank-{rank:05d}.pt")), self.safe_globals)
+
     def _prune(self) -> None:
         fs, _ = fsspec.core.url_to_fs(self.root)
         for step in self.complete_steps()[: -self.keep_last]:

@@ -10,10 +10,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+STAGES = ("stage1", "stage1.1", "stage2", "stage2.1")
+
 
 @dataclass
 class TrainStageConfig:
-    """One training stage (``stage1``: M2D + CLAP; ``stage2``: CLAP with a trainable text encoder)."""
+    """One training stage: ``stage1`` (M2D + CLAP), ``stage1.1`` (supervised fine-tuning of the encoder),
+    ``stage2`` (CLAP with a trainable text encoder, frozen audio encoder) or ``stage2.1`` (stage 2 continued on a
+    curated subset without masking)."""
 
     stage: str = "stage1"
     model_preset: str = "demo"
@@ -23,13 +27,25 @@ class TrainStageConfig:
     base_lr: float = 3e-4  # lr = base_lr * global_batch / 256 (MAE convention)
     min_lr: float = 0.0
     weight_decay: float = 0.05
-    beta1: float = 0.9
+    optimizer: str = "adamw"  # adamw | lars (timm's, as the reference's AudioSet fine-tuning) | sgd
+    beta1: float = 0.9  # AdamW
     beta2: float = 0.95
+    momentum: float = 0.9  # LARS / SGD
     grad_clip: float = 3.0
     accum_steps: int = 1  # micro-batches per step; contrastive negatives still span the whole global batch
     max_steps: int = 0  # > 0 caps the schedule (smoke tests); 0 = epochs x steps per epoch
     crop_frames: int = 0  # 0 = the model's input_frames
     mask_ratio: float = -1.0  # stage 2 only; < 0 = the model's stage2_mask_ratio (0.3), 0.0 for stage 2.1
+    # training subset: clips of these sources (comma-separated; empty = all) with at least this many captions
+    subset_sources: str = ""
+    subset_min_captions: int = 0
+    # stage 1.1 (supervised fine-tuning) only
+    mixup_alpha: float = 0.0
+    freq_mask: int = 30
+    time_mask: int = 192
+    patch_out: float = 0.5  # structured patch-out ratio in the encoder
+    balanced_sampling: bool = False  # AudioSet-style class-balanced weights, drawn without replacement
+    samples_per_epoch: int = 0  # 0 = every clip once per epoch
     seed: int = 0
     log_every: int = 10
     num_workers: int = 0
@@ -42,6 +58,14 @@ class TrainStageConfig:
     zero_stage: int = 0
     precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
     timeout_minutes: int = 30
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"unknown stage {self.stage!r}; choose one of {STAGES}")
+
+    @property
+    def sources(self) -> list[str]:
+        return [s.strip() for s in self.subset_sources.split(",") if s.strip()]
 
     @property
     def lr(self) -> float:
@@ -81,16 +105,51 @@ def _stage1_demo() -> TrainStageConfig:
 
 
 def _stage2_demo() -> TrainStageConfig:
-    # Stage 2 on CPU: crops at the stage-1 length (no stage 1.1 in the demo), 8 epochs = 120 steps, lr 3e-4
+    # Stage 2 on CPU: crops at the encoder's length after stage 1.1 (343 frames), 8 epochs = 120 steps, lr 3e-4
     # (the paper's 3e-6 base would give 3.75e-7 at batch 32). Measured on the demo: lr 1e-4 / 6 epochs reached
     # 0.23 zero-shot, 3e-4 / 6 epochs 0.30, 6e-4 / 6 epochs 0.30 with an early loss spike, 3e-4 / 8 epochs 0.33.
     return TrainStageConfig(stage="stage2", model_preset="demo", epochs=8, warmup_epochs=0.5, global_batch=32,
                             base_lr=2.4e-3, log_every=5)
 
 
+def _stage11_paper() -> TrainStageConfig:
+    # Stage 1.1 = EVAR ``util/ft-as2m.sh`` (fact sheet 4.4): LARS lr 2.0 (timm Lars, wd 0), batch 64, 70 epochs of
+    # 200 k class-balanced clips drawn without replacement, 15 warm-up, cosine to 1e-7, mixup 0.5, SpecAugment
+    # 30/192, structured patch-out 0.5, BCE, 608 -> 1001 frames. No gradient clipping in EVAR.
+    return TrainStageConfig(stage="stage1.1", model_preset="paper", epochs=70, warmup_epochs=15, global_batch=64,
+                            base_lr=2.0 * 256 / 64, min_lr=1e-7, optimizer="lars", weight_decay=0.0, momentum=0.9,
+                            grad_clip=0.0, crop_frames=1001, mixup_alpha=0.5, freq_mask=30, time_mask=192,
+                            patch_out=0.5, balanced_sampling=True, samples_per_epoch=200_000)
+
+
+def _stage21_paper() -> TrainStageConfig:
+    # Stage 2.1: stage 2's recipe continued from its weights (new optimiser and schedule, as ``--finetune``), no
+    # masking, on WavCaps + AudioCaps + Clotho (the 439,743-clip subset; source names of the dataset adapters).
+    return _stage2_paper().replace(stage="stage2.1", mask_ratio=0.0, subset_sources="wavcaps,audiocaps,clotho")
+
+
+def _stage11_demo() -> TrainStageConfig:
+    # 4 epochs of the 480-clip corpus (60 steps of 32). The 208-frame demo encoder grows to 343 frames (13 -> 21
+    # patch columns, the paper's 608 -> 1001 ratio); the time mask scales with it (192 * 343 / 1001 = 66 -> 64).
+    # LARS as the paper, lr 0.5: measured on the demo, 2.0 at batch 32 overshoots.
+    return TrainStageConfig(stage="stage1.1", model_preset="demo", epochs=4, warmup_epochs=1, global_batch=32,
+                            base_lr=0.5 * 256 / 32, min_lr=1e-7, optimizer="lars", weight_decay=0.0, grad_clip=0.0,
+                            crop_frames=343, mixup_alpha=0.5, freq_mask=30, time_mask=64, patch_out=0.5,
+                            balanced_sampling=True, log_every=5)
+
+
+def _stage21_demo() -> TrainStageConfig:
+    # The demo has one source; its "curated" subset is the clips with 3 captions (as AudioCaps / Clotho carry
+    # 5 human captions against WavCaps' one), about half the corpus. 3 epochs, no masking.
+    return _stage2_demo().replace(stage="stage2.1", epochs=3, warmup_epochs=0.5, mask_ratio=0.0,
+                                  subset_min_captions=3)
+
+
 def _smoke(stage: str) -> TrainStageConfig:
-    base = _stage1_demo() if stage == "stage1" else _stage2_demo()
-    return base.replace(model_preset="smoke", epochs=1, warmup_epochs=0.5, global_batch=8, max_steps=3, log_every=1)
+    base = {"stage1": _stage1_demo, "stage1.1": _stage11_demo, "stage2": _stage2_demo, "stage2.1": _stage21_demo}
+    changes = {"crop_frames": 96, "time_mask": 16} if stage == "stage1.1" else {}
+    return base[stage]().replace(model_preset="smoke", epochs=1, warmup_epochs=0.5, global_batch=8, max_steps=3,
+                                 log_every=1, **changes)
 
 
 _STAGE_PRESETS = {
@@ -98,6 +157,9 @@ _STAGE_PRESETS = {
     ("stage2", "paper"): _stage2_paper,
     ("stage1", "demo"): _stage1_demo,
     ("stage2", "demo"): _stage2_demo,
-    ("stage1", "smoke"): lambda: _smoke("stage1"),
-    ("stage2", "smoke"): lambda: _smoke("stage2"),
+    ("stage1.1", "paper"): _stage11_paper,
+    ("stage1.1", "demo"): _stage11_demo,
+    ("stage2.1", "paper"): _stage21_paper,
+    ("stage2.1", "demo"): _stage21_demo,
+    **{(stage, "smoke"): (lambda stage=stage: _smoke(stage)) for stage in STAGES},
 }

@@ -1,11 +1,13 @@
-"""The one training loop: DeepSpeed around an :class:`~m2d2.models.M2D2`, the same code on CPU and GPU.
+"""The one training loop: DeepSpeed around a stage's module, the same code on CPU and GPU, for every stage.
 
-Every stage plugs in a model (already switched to its stage) and a dataset; the loop does the schedule,
-the step, the post-step hooks (EMA, logit-scale clamp), logging on rank 0, and the exports.
+Every stage plugs in an :class:`~m2d2.train.objectives.Objective` (module, optimiser, step, hooks, export), a
+dataset and an epoch order; the loop does the schedule, batching by rank, NaN handling, checkpoints and
+resume, logging on rank 0, and the export.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -14,20 +16,19 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 
-from m2d2.data.loader import CropDataset, collate
-from m2d2.models import M2D2, PatchMask
+from m2d2.data.loader import ShuffledOrder, collate
 from m2d2.train.checkpoint import CheckpointManager
 from m2d2.train.config import TrainStageConfig
+from m2d2.train.objectives import EXPORT_DIR, Objective, decay_groups
 
 log = logging.getLogger(__name__)
 
 FAULT_EXIT_CODE = 75
-EXPORT_DIR = "model"
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -81,18 +82,7 @@ def device_for_rank() -> torch.device:
     return torch.device("cpu")
 
 
-def parameter_groups(model: M2D2, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices and conv kernels; not biases, norms, tokens' 1-D params or the 0-dim logit scale.
-
-    This is the modern timm grouping (ndim <= 1 excluded). The reference's pinned timm 0.4.5 also decayed the
-    0-dim ``logit_scale`` and kept ``cls_token``/``mask_token`` decayed; here tokens (3-D) are decayed as there,
-    and the logit scale is not, which the clamp at ln 100 makes immaterial in practice.
-    """
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim <= 1 else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+parameter_groups = decay_groups  # the name the engine's tests and callers know
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, floor: float) -> float:
@@ -154,56 +144,6 @@ def _memory_mb(device: torch.device) -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def _micro_batches(lms: torch.Tensor, text, mask: PatchMask, accum: int):
-    size = lms.shape[0] // accum
-    for k in range(accum):
-        part = slice(k * size, (k + 1) * size)
-        yield lms[part], text[part], PatchMask(mask.ids_keep[part], mask.ids_masked[part])
-
-
-def _all_finite(loss: torch.Tensor) -> bool:
-    """Agree across ranks, so that every rank skips (or takes) the same steps."""
-    flag = torch.tensor([1.0 if bool(torch.isfinite(loss.detach()).all()) else 0.0], device=loss.device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item() > 0)
-
-
-def train_step(engine, model: M2D2, lms: torch.Tensor, text, mask: PatchMask,
-               accum: int) -> dict[str, torch.Tensor] | None:
-    """One optimiser step over the local batch in ``accum`` micro-batches; None if the loss was not finite.
-
-    With ``accum > 1`` the CLAP negatives still span the whole batch (open_clip's scheme): features of every
-    micro-batch are first computed without gradient, then each micro-batch is re-forwarded with gradient and
-    its loss taken against all cached features. Its M2D term is weighted 1/accum and the logit scale gets its
-    gradient from one micro-batch only, so the summed gradient equals the unaccumulated step's.
-    """
-    if accum == 1:
-        parts = model.forward_features(lms, text, mask)
-        out = model.losses(parts, parts["audio"], parts["text"])
-        if not _all_finite(out["loss"]):
-            return None
-        engine.backward(out["loss"], scale_wrt_gas=False)
-        engine.step()
-        return out
-    micro = list(_micro_batches(lms, text, mask, accum))
-    with torch.no_grad():
-        cached = [model.forward_features(*m) for m in micro]
-        audio, texts = [c["audio"] for c in cached], [c["text"] for c in cached]
-        summary = {"loss_m2d": torch.stack([c["loss_m2d"] for c in cached]).mean()} if "loss_m2d" in cached[0] else {}
-        full = model.losses(summary, torch.cat(audio), torch.cat(texts))
-    if not _all_finite(full["loss"]):
-        return None
-    for k, batch in enumerate(micro):
-        live = model.forward_features(*batch)
-        all_audio = torch.cat([live["audio"] if j == k else a for j, a in enumerate(audio)])
-        all_text = torch.cat([live["text"] if j == k else t for j, t in enumerate(texts)])
-        out = model.losses(live, all_audio, all_text, m2d_weight=1.0 / accum, logit_scale_grad=k == 0)
-        engine.backward(out["loss"], scale_wrt_gas=False)
-        engine.step()
-    return full
-
-
 def _rng_state(device: torch.device) -> dict[str, Any]:
     state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
@@ -219,27 +159,36 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 
 def train(
     cfg: TrainStageConfig,
-    model: M2D2,
-    dataset: CropDataset,
+    objective: Objective,
+    dataset: torch.utils.data.Dataset,
     out_dir: str | Path,
     run=None,
     checkpoint_root: str | None = None,
+    order: EpochOrder | None = None,
 ) -> TrainResult:
     """Run ``cfg`` on every rank, resuming from the newest complete checkpoint under ``checkpoint_root``.
 
-    Rank 0 exports ``<out_dir>/model`` (safetensors + config). ``run`` is an :class:`m2d2.tracking.StageRun`
+    ``order`` gives each epoch's global clip order (default: every clip once, shuffled); the loop cuts it into
+    global batches and gives rank ``r`` every ``world``-th clip, so a global batch is the same clips whatever
+    the world size. Rank 0 exports through ``objective.export``. ``run`` is an :class:`m2d2.tracking.StageRun`
     (a no-op off rank 0) or None. Collective and storage failures surface as :class:`RecoverableTrainingError`.
     """
     try:
-        return _train(cfg, model, dataset, Path(out_dir), run, checkpoint_root)
+        return _train(cfg, objective, dataset, Path(out_dir), run, checkpoint_root, order)
     except (TrainingDivergedError, ValueError, KeyError, TypeError, FileNotFoundError):  # retrying cannot help
         raise
     except (dist.DistError, OSError, TimeoutError) as exc:
         raise RecoverableTrainingError(f"{cfg.stage}: {type(exc).__name__}: {exc}") from exc
 
 
-def _train(cfg: TrainStageConfig, model: M2D2, dataset: CropDataset, out_dir: Path, run,
-           checkpoint_root: str | None) -> TrainResult:
+class EpochOrder(Protocol):
+    def __len__(self) -> int: ...
+
+    def indices(self, epoch: int) -> list[int]: ...
+
+
+def _train(cfg: TrainStageConfig, objective: Objective, dataset, out_dir: Path, run, checkpoint_root: str | None,
+           order: EpochOrder | None) -> TrainResult:
     import deepspeed
     from tqdm import tqdm
 
@@ -249,38 +198,46 @@ def _train(cfg: TrainStageConfig, model: M2D2, dataset: CropDataset, out_dir: Pa
     if cfg.global_batch % world or local_batch % cfg.accum_steps:
         raise ValueError(f"global batch {cfg.global_batch} must split into {world} ranks x {cfg.accum_steps} "
                          "equal micro-batches")
-    sampler = torch.utils.data.distributed.DistributedSampler(
-        dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True
-    )
-    steps_per_epoch = len(sampler) // local_batch
+    if cfg.zero_stage not in (0, 1, 2):
+        raise ValueError(f"zero_stage {cfg.zero_stage} is not supported (0, 1 or 2: stage 3 shards the weights, "
+                         "which the checkpoints and exports here assume whole)")
+    order = order or ShuffledOrder(len(dataset), cfg.seed)
+    steps_per_epoch = len(order) // cfg.global_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(dataset)} training clips cannot fill one global batch of {cfg.global_batch}")
+        raise ValueError(f"{len(order)} training clips per epoch cannot fill one global batch of {cfg.global_batch}")
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                  betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
-    engine, optimizer, _, _ = deepspeed.initialize(
-        model=model.to(device), optimizer=optimizer, config=deepspeed_config(cfg, world, device)
-    )
-    manager = CheckpointManager(checkpoint_root or str(out_dir / CHECKPOINT_DIR), keep_last=cfg.keep_checkpoints)
+    model = objective.module.to(device)
+    optimizer = objective.build_optimizer(cfg, device)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                   config=deepspeed_config(cfg, world, device))
+    manager = CheckpointManager(checkpoint_root or str(out_dir / CHECKPOINT_DIR), keep_last=cfg.keep_checkpoints,
+                                safe_globals=optimizer_safe_globals())
     state = TrainState()
     if (latest := manager.latest()) is not None:
         ckpt = manager.load(latest, rank=rank, world_size=world)
         model.load_state_dict(ckpt.model)
-        optimizer.load_state_dict(ckpt.rank_state["optimizer"])
+        _load_optimizer(optimizer, ckpt.rank_state["optimizer"], manager, latest, rank, world)
         _set_rng_state(ckpt.rank_state["rng"], device)
         state = TrainState(**ckpt.meta["train_state"])
         log.info("%s: resumed from %s at step %d", cfg.stage, manager.step_uri(latest), state.step)
     if run is not None:
         run.log_params({"train": asdict(cfg), "derived": {"lr": cfg.lr, "total_steps": total, "world_size": world,
                                                           "steps_per_epoch": steps_per_epoch, "warmup_steps": warmup,
-                                                          "micro_batch": local_batch // cfg.accum_steps}})
+                                                          "micro_batch": local_batch // cfg.accum_steps,
+                                                          "clips_per_epoch": len(order)}})
         if state.step:
             run.set_tags({"m2d2.resumed_from_step": state.step})
+    requested = cfg.nnodes * cfg.nproc_per_node
+    if requested != world:
+        log.warning("%s: the config asks for %d x %d processes but %d are running; the global batch (%d) and the "
+                    "schedule are unchanged", cfg.stage, cfg.nnodes, cfg.nproc_per_node, world, cfg.global_batch)
     log.info("%s: %d steps (%d per epoch), world %d, lr %.3g", cfg.stage, total, steps_per_epoch, world, cfg.lr)
 
     def save(step: int) -> None:
-        meta = {"train_state": asdict(state), "train_config": asdict(cfg), "model_config": model.config.to_dict()}
+        meta = {"train_state": asdict(state), "train_config": asdict(cfg)}
+        if hasattr(objective.module, "config") and hasattr(objective.module.config, "to_dict"):
+            meta["model_config"] = objective.module.config.to_dict()
         rank_state = {"optimizer": optimizer.state_dict(), "rng": _rng_state(device)}
         manager.save(step, model.state_dict() if rank == 0 else None, rank_state, meta, rank, world)
 
@@ -290,30 +247,28 @@ def _train(cfg: TrainStageConfig, model: M2D2, dataset: CropDataset, out_dir: Pa
     progress = tqdm(total=total, initial=state.step, desc=cfg.stage, unit="step", disable=rank != 0, leave=False)
     last: dict[str, float] = {}
     window_start, window_samples = time.perf_counter(), 0
-    kwargs = {"mask_ratio": cfg.mask_ratio} if cfg.mask_ratio >= 0 else {}
     while state.step < total:
         epoch, first_batch = divmod(state.step, steps_per_epoch)
-        sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)
-        indices = list(sampler)
-        batches = [indices[b * local_batch:(b + 1) * local_batch] for b in range(first_batch, steps_per_epoch)]
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        mine = order.indices(epoch)[rank : steps_per_epoch * cfg.global_batch : world]
+        batches = [mine[b * local_batch:(b + 1) * local_batch] for b in range(first_batch, steps_per_epoch)]
         # Its own generator: a DataLoader otherwise draws its worker seed from the global RNG, which would make
         # a resumed run's dropout masks (stage 2's text encoder) differ from an uninterrupted run's.
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
                                              num_workers=cfg.num_workers,
                                              generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
-        for lms, text in loader:
+        for lms, target in loader:
             if state.step >= total:
                 break
             lr = lr_at(state.step, total, warmup, cfg.lr, cfg.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             lms = lms.to(device, non_blocking=True)
-            if isinstance(text, torch.Tensor):
-                text = text.to(device, non_blocking=True)
+            if isinstance(target, torch.Tensor):
+                target = target.to(device, non_blocking=True)
             gen = step_generator(cfg.seed, state.step, rank, device)
-            mask = model.make_mask(lms.shape[0], lms.shape[-1], generator=gen, **kwargs)
-            out = train_step(engine, model, lms, text, mask, cfg.accum_steps)
+            out = objective.train_step(engine, (lms, target), gen, cfg.accum_steps)
             if out is None:
                 state.skipped_steps += 1
                 state.consecutive_nonfinite += 1
@@ -324,7 +279,7 @@ def _train(cfg: TrainStageConfig, model: M2D2, dataset: CropDataset, out_dir: Pa
                                                 f"losses up to step {state.step}; lower the lr or check the data")
             else:
                 state.consecutive_nonfinite = 0
-            hooks = model.after_optimizer_step(state.step, total) if out is not None else {}
+            hooks = objective.after_step(state.step, total) if out is not None else {}
             state.step += 1
             window_samples += cfg.global_batch
             progress.update(1)
@@ -349,9 +304,34 @@ def _train(cfg: TrainStageConfig, model: M2D2, dataset: CropDataset, out_dir: Pa
     progress.close()
     if manager.latest() != state.step:
         save(state.step)
-    export_dir = out_dir / EXPORT_DIR
+    export_dir = str(out_dir / EXPORT_DIR)
     if rank == 0:
-        model.save_pretrained(str(export_dir))
+        export_dir = objective.export(out_dir)
     dist.barrier()
-    return TrainResult(steps=state.step, export_dir=str(export_dir), checkpoint_dir=manager.step_uri(state.step),
+    return TrainResult(steps=state.step, export_dir=export_dir, checkpoint_dir=manager.step_uri(state.step),
                        final=last)
+
+
+def _load_optimizer(optimizer, own: dict[str, Any], manager: CheckpointManager, step: int, rank: int,
+                    world: int) -> None:
+    """A plain torch optimizer takes its own state; DeepSpeed's wrappers (ZeRO 1/2, bf16) take every rank's
+    list and rebuild their fp32 master partitions from the saved fp32 copies, not from the bf16 weights."""
+    if "state_dict_list" not in inspect.signature(optimizer.load_state_dict).parameters:
+        optimizer.load_state_dict(own)
+        return
+    states = [own if r == rank else manager.load_rank_state(step, r)["optimizer"] for r in range(world)]
+    optimizer.load_state_dict(states, load_from_fp32_weights=True)
+
+
+def optimizer_safe_globals() -> list:
+    """Plain classes a DeepSpeed ZeRO optimizer state holds besides tensors, allow-listed for ``weights_only``."""
+    allowed: list = []
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        allowed += [LossScaler, ZeroStageEnum, fragment_address]
+    except ImportError:  # another DeepSpeed layout: loading reports any class it meets
+        pass
+    return allowed

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from torch import nn
-from torch.utils.data import WeightedRandomSampler
 
 from m2d2.models.encoder import AudioEncoder
 from m2d2.models.masking import random_structured_mask
@@ -34,69 +33,6 @@ log = logging.getLogger(__name__)
 def _gen_device(generator: torch.Generator | None, fallback: torch.device) -> torch.device:
     """Random draws must be made on the generator's device; without one, on the data's device."""
     return generator.device if generator is not None else fallback
-
-
-# ----------------------------------------------------------------------------- optimiser
-class LARS(torch.optim.Optimizer):
-    """LARS as in MAE's ``util/lars.py`` (from MoCo v3): SGD with momentum and a layer-wise trust ratio.
-
-    For a parameter with ``ndim > 1`` the update ``u = grad + weight_decay * p`` is scaled by
-    ``trust_coefficient * ||p|| / ||u||`` (1 when either norm is 0). Parameters with ``ndim <= 1`` (biases,
-    norm scales) get neither weight decay nor the trust ratio, only momentum. The momentum buffer starts at
-    zero: ``mu = momentum * mu + u``, ``p -= lr * mu``. Hyper-parameters live in ``param_groups`` so a
-    per-step schedule can set ``group["lr"]``. Gradients are never modified in place.
-
-    Note: EVAR's ``--optim lars`` (used by ``ft-as2m.sh``) is ``timm.optim.Lars(lr, momentum=0.9,
-    weight_decay=0)``, whose trust ratio is applied only when ``weight_decay != 0`` or ``always_adapt``; the
-    reference AS2M run was therefore plain SGD with momentum 0.9 at lr 2.0. Use ``torch.optim.SGD(momentum=0.9)``
-    to reproduce those dynamics; this class is the MAE/MoCo LARS.
-    """
-
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor] | Iterable[dict],
-        lr: float = 0.0,
-        weight_decay: float = 0.0,
-        momentum: float = 0.9,
-        trust_coefficient: float = 0.001,
-    ):
-        if lr < 0 or weight_decay < 0 or momentum < 0 or trust_coefficient <= 0:
-            raise ValueError(
-                f"LARS needs lr, weight_decay, momentum >= 0 and trust_coefficient > 0; got {lr=}, "
-                f"{weight_decay=}, {momentum=}, {trust_coefficient=}"
-            )
-        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient)
-        super().__init__(params, defaults)
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                update = p.grad
-                if p.ndim > 1:
-                    update = update.add(p, alpha=group["weight_decay"])  # a new tensor: p.grad is untouched
-                    param_norm = torch.linalg.vector_norm(p)
-                    update_norm = torch.linalg.vector_norm(update)
-                    one = torch.ones_like(param_norm)
-                    ratio = torch.where(
-                        (param_norm > 0) & (update_norm > 0),
-                        group["trust_coefficient"] * param_norm / update_norm,
-                        one,
-                    )
-                    update = update * ratio
-                state = self.state[p]
-                if "mu" not in state:
-                    state["mu"] = torch.zeros_like(p)
-                mu = state["mu"]
-                mu.mul_(group["momentum"]).add_(update)
-                p.add_(mu, alpha=-group["lr"])
-        return loss
 
 
 # ----------------------------------------------------------------------------- mixup
@@ -210,34 +146,6 @@ def audioset_sample_weights(label_lists: Sequence[Sequence[str]]) -> np.ndarray:
     if unlabeled:
         log.warning("%d of %d clips have no label: sampling weight 0 (never drawn)", unlabeled, len(label_sets))
     return np.power(sums, 1.0 / 1.5)
-
-
-def weighted_sampler(
-    weights: np.ndarray | torch.Tensor | Sequence[float],
-    num_samples: int,
-    generator: torch.Generator | None = None,
-) -> WeightedRandomSampler:
-    """``WeightedRandomSampler(replacement=False)``: each epoch draws ``num_samples`` distinct clips.
-
-    As the reference (``num_samples=200000, replacement=False``). Sampling without replacement cannot draw
-    more clips than have a non-zero weight, so ``num_samples`` is clamped to that number (with a warning).
-    """
-    w = torch.as_tensor(np.asarray(weights, dtype=np.float64))
-    if w.ndim != 1 or not torch.isfinite(w).all() or (w < 0).any():
-        raise ValueError("sampling weights must be a 1-D array of finite, non-negative values")
-    available = int((w > 0).sum())
-    if available == 0:
-        raise ValueError("every sampling weight is 0: nothing to draw")
-    if num_samples > available:
-        log.warning(
-            "weighted sampler: %d samples per epoch requested but only %d clips have a non-zero weight; "
-            "drawing %d (sampling is without replacement)",
-            num_samples,
-            available,
-            available,
-        )
-        num_samples = available
-    return WeightedRandomSampler(w, num_samples=num_samples, replacement=False, generator=generator)
 
 
 # ----------------------------------------------------------------------------- positions for longer crops
@@ -409,31 +317,3 @@ class FineTuneModel(nn.Module):
         Inputs must fit the encoder (``T <= max_frames``); longer clips are the caller's to crop or chunk.
         """
         return self.head(self.features(lms_raw, augment=False))
-
-
-# ----------------------------------------------------------------------------- metric
-def mean_average_precision(scores: torch.Tensor | np.ndarray, targets: torch.Tensor | np.ndarray) -> float:
-    """Macro mAP over the classes that have at least one positive (the others are skipped, not counted as 0).
-
-    Per class, clips are ranked by descending score; **ties are broken by index** (a stable sort: the lower
-    index ranks first). ``AP = mean over positives of precision@rank(positive)``. With distinct scores this
-    equals sklearn's ``average_precision_score``; with ties sklearn scores the tied group at once instead.
-    """
-    s = scores.detach().cpu().double().numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores, float)
-    t = targets.detach().cpu().double().numpy() if isinstance(targets, torch.Tensor) else np.asarray(targets, float)
-    if s.ndim != 2 or s.shape != t.shape or s.shape[0] == 0:
-        raise ValueError(f"scores and targets must be non-empty [N, C] of equal shape, got {s.shape} and {t.shape}")
-    if not np.isfinite(s).all():
-        raise ValueError("scores have NaN or infinite values")
-    if not np.isin(t, (0.0, 1.0)).all():
-        raise ValueError("targets must be binary (0/1)")
-    order = np.argsort(-s, axis=0, kind="stable")
-    hits = np.take_along_axis(t, order, axis=0)  # [N, C] targets in ranked order
-    n_pos = hits.sum(axis=0)
-    valid = n_pos > 0
-    if not valid.any():
-        raise ValueError("no class has a positive example: mAP is undefined")
-    ranks = np.arange(1, s.shape[0] + 1, dtype=np.float64)[:, None]
-    precision = np.cumsum(hits, axis=0) / ranks
-    ap = (precision * hits).sum(axis=0)[valid] / n_pos[valid]
-    return float(ap.mean())

@@ -2,6 +2,11 @@
 
 These are what the Flyte tasks call (inside an Elastic launch, on every rank), and what a user calls from
 plain Python. They take paths and configs and return a :class:`StageOutput`.
+
+    stage 1    M2D + CLAP from scratch                          -> M2D2 export (608 frames in the paper)
+    stage 1.1  supervised fine-tuning of the stage-1 encoder    -> M2D2 export (1001 frames) + classifier/
+    stage 2    frozen 1.1 encoder, new projector, BERT, CLAP    -> M2D2 export with a text encoder
+    stage 2.1  stage 2 continued on a curated subset, no mask   -> the released kind of model
 """
 
 from __future__ import annotations
@@ -13,12 +18,14 @@ from pathlib import Path
 import torch
 
 from m2d2.data.features import LogMelStore, load_norm_stats
-from m2d2.data.loader import CropDataset
+from m2d2.data.loader import CropDataset, LabeledCropDataset, WeightedOrder, select_clips
 from m2d2.models import M2D2, M2D2Config
 from m2d2.text.cache import CaptionEmbeddings
 from m2d2.tracking import StageRun
 from m2d2.train.config import TrainStageConfig
 from m2d2.train.engine import init_distributed, train
+from m2d2.train.finetune import FineTuneModel, audioset_sample_weights, expand_encoder_frames
+from m2d2.train.objectives import CLASSIFIER_DIR, ClapObjective, FineTuneObjective, Objective
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +37,31 @@ class StageOutput:
     mlflow_run_id: str | None
     steps: int
     final: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)  # evaluation after training (stage 1.1: mAP)
+
+
+def _expect(cfg: TrainStageConfig, stage: str) -> None:
+    if cfg.stage != stage:
+        raise ValueError(f"a {cfg.stage!r} config was given to {stage}; use stage_preset('{stage}', ...)")
 
 
 def _crop(cfg: TrainStageConfig, model: M2D2) -> int:
     return cfg.crop_frames or model.config.encoder.input_frames
 
 
+def _subset(cfg: TrainStageConfig, store: LogMelStore) -> list[int] | None:
+    if not cfg.sources and cfg.subset_min_captions <= 0:
+        return None
+    chosen = select_clips(store, cfg.sources, cfg.subset_min_captions)
+    log.info("%s: training subset of %d / %d clips (sources %s, >= %d captions)", cfg.stage, len(chosen),
+             len(store), cfg.sources or "any", cfg.subset_min_captions)
+    return chosen
+
+
 def run_stage1(cfg: TrainStageConfig, feature_dir: str, caption_cache: str, out_dir: str,
                parent_run_id: str | None = None, checkpoint_root: str | None = None) -> StageOutput:
     """Stage 1: M2D + CLAP from scratch against precomputed sentence vectors of the captions."""
+    _expect(cfg, "stage1")
     init_distributed(cfg.timeout_minutes)
     model_cfg = M2D2Config.preset(cfg.model_preset)
     stats = load_norm_stats(feature_dir)
@@ -48,36 +71,118 @@ def run_stage1(cfg: TrainStageConfig, feature_dir: str, caption_cache: str, out_
     torch.manual_seed(cfg.seed)  # identical initialisation on every rank
     model = M2D2(model_cfg)
     model.set_stage("stage1")
-    dataset = CropDataset(LogMelStore(feature_dir, "train"), _crop(cfg, model), captions, seed=cfg.seed)
-    return _run(cfg, model, dataset, out_dir, parent_run_id, checkpoint_root,
+    store = LogMelStore(feature_dir, "train")
+    dataset = CropDataset(store, _crop(cfg, model), captions, seed=cfg.seed, subset=_subset(cfg, store))
+    return _run(cfg, ClapObjective(model), dataset, out_dir, parent_run_id, checkpoint_root,
                 inputs={"features": feature_dir, "captions": caption_cache})
 
 
-def run_stage2(cfg: TrainStageConfig, feature_dir: str, stage1_export: str, out_dir: str,
-               parent_run_id: str | None = None, checkpoint_root: str | None = None) -> StageOutput:
-    """Stage 2: frozen stage-1 encoder, fresh projector, trainable transformers text encoder, CLAP only."""
+def run_stage11(cfg: TrainStageConfig, feature_dir: str, stage1_export: str, out_dir: str,
+                parent_run_id: str | None = None, checkpoint_root: str | None = None) -> StageOutput:
+    """Stage 1.1: supervised multi-label fine-tuning of the stage-1 encoder at ``cfg.crop_frames`` (608 -> 1001).
+
+    The classes are the labels of the training split (sorted). Afterwards rank 0 scores the ``eval`` split
+    (mAP), logged to the stage's MLflow run and returned in ``StageOutput.metrics``.
+    """
+    _expect(cfg, "stage1.1")
     init_distributed(cfg.timeout_minutes)
     torch.manual_seed(cfg.seed)
-    model = M2D2.from_pretrained(stage1_export)
+    base = M2D2.from_pretrained(stage1_export)
+    if cfg.crop_frames:
+        expand_encoder_frames(base.encoder, cfg.crop_frames)
+    store = LogMelStore(feature_dir, "train")
+    subset = _subset(cfg, store)
+    classes = sorted({label for i in (subset or range(len(store))) for label in store.labels[i]})
+    if not classes:
+        raise ValueError(f"{feature_dir}: the training clips carry no labels; stage 1.1 needs labelled clips")
+    model = FineTuneModel(base.encoder, base.norm_stats, len(classes), freq_mask=cfg.freq_mask,
+                          time_mask=cfg.time_mask)
+    model.requires_grad_(True)
+    dataset = LabeledCropDataset(store, base.config.encoder.input_frames, classes, seed=cfg.seed, subset=subset)
+    order = None
+    if cfg.balanced_sampling:
+        order = WeightedOrder(audioset_sample_weights(dataset.label_lists()),
+                              cfg.samples_per_epoch or len(dataset), seed=cfg.seed)
+    objective = FineTuneObjective(model, base, classes, mixup_alpha=cfg.mixup_alpha, patch_out=cfg.patch_out)
+
+    def evaluate(run: StageRun | None) -> dict[str, float]:
+        from m2d2.eval.tagging import evaluate_tagging
+        from m2d2.tracking import is_main_process
+
+        if not is_main_process():
+            return {}
+        try:
+            eval_store = LogMelStore(feature_dir, "eval")
+        except FileNotFoundError:
+            log.warning("%s: no eval split in %s: no mAP", cfg.stage, feature_dir)
+            return {}
+        metrics = evaluate_tagging(model, eval_store, classes)
+        log.info("stage1.1: eval mAP %.4f (chance %.4f) over %d clips", metrics["mAP"], metrics["mAP_chance"],
+                 metrics["eval_clips"])
+        if run is not None:
+            run.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=0)
+        return metrics
+
+    return _run(cfg, objective, dataset, out_dir, parent_run_id, checkpoint_root,
+                inputs={"features": feature_dir, "stage1": stage1_export}, order=order, after=evaluate,
+                params={"classes": classes})
+
+
+def run_stage2(cfg: TrainStageConfig, feature_dir: str, stage11_export: str, out_dir: str,
+               parent_run_id: str | None = None, checkpoint_root: str | None = None) -> StageOutput:
+    """Stage 2: frozen (stage-1.1) encoder, fresh projector, trainable transformers text encoder, CLAP only."""
+    _expect(cfg, "stage2")
+    init_distributed(cfg.timeout_minutes)
+    torch.manual_seed(cfg.seed)
+    model = M2D2.from_pretrained(stage11_export)
     model.start_stage2(M2D2Config.preset(cfg.model_preset).text.encoder)
-    dataset = CropDataset(LogMelStore(feature_dir, "train"), _crop(cfg, model), captions=None, seed=cfg.seed)
-    return _run(cfg, model, dataset, out_dir, parent_run_id, checkpoint_root,
-                inputs={"features": feature_dir, "stage1": stage1_export})
+    return _run_clap(cfg, model, feature_dir, out_dir, parent_run_id, checkpoint_root,
+                     inputs={"features": feature_dir, "encoder": stage11_export})
 
 
-def _run(cfg: TrainStageConfig, model: M2D2, dataset: CropDataset, out_dir: str, parent_run_id: str | None,
-         checkpoint_root: str | None, inputs: dict[str, str]) -> StageOutput:
+def run_stage21(cfg: TrainStageConfig, feature_dir: str, stage2_export: str, out_dir: str,
+                parent_run_id: str | None = None, checkpoint_root: str | None = None) -> StageOutput:
+    """Stage 2.1: stage 2's weights (projector, text encoder, logit scale) trained on with ``cfg.mask_ratio``
+    (0.0) on the curated subset; a new optimiser and schedule, as the reference's ``--finetune``."""
+    _expect(cfg, "stage2.1")
+    init_distributed(cfg.timeout_minutes)
+    torch.manual_seed(cfg.seed)
+    model = M2D2.from_pretrained(stage2_export)
+    if model.text_encoder is None:
+        raise ValueError(f"{stage2_export} has no text encoder: stage 2.1 continues a stage-2 model")
+    model.set_stage("stage2")  # the same trainable parts as stage 2: projector, text encoder, logit scale
+    return _run_clap(cfg, model, feature_dir, out_dir, parent_run_id, checkpoint_root,
+                     inputs={"features": feature_dir, "stage2": stage2_export})
+
+
+def _run_clap(cfg: TrainStageConfig, model: M2D2, feature_dir: str, out_dir: str, parent_run_id: str | None,
+              checkpoint_root: str | None, inputs: dict[str, str]) -> StageOutput:
+    store = LogMelStore(feature_dir, "train")
+    dataset = CropDataset(store, _crop(cfg, model), captions=None, seed=cfg.seed, subset=_subset(cfg, store))
+    objective = ClapObjective(model, mask_ratio=cfg.mask_ratio if cfg.mask_ratio >= 0 else None)
+    return _run(cfg, objective, dataset, out_dir, parent_run_id, checkpoint_root, inputs=inputs)
+
+
+def _run(cfg: TrainStageConfig, objective: Objective, dataset, out_dir: str, parent_run_id: str | None,
+         checkpoint_root: str | None, inputs: dict[str, str], order=None, after=None,
+         params: dict | None = None) -> StageOutput:
     Path(out_dir).mkdir(parents=True, exist_ok=True)
+    model_config = objective.module.config if isinstance(objective.module, M2D2) else objective.base.config
     run = StageRun(parent_run_id, cfg.stage, tags={f"m2d2.input.{k}": v for k, v in inputs.items()}) \
         if parent_run_id else None
     if run is None:
-        result = train(cfg, model, dataset, out_dir, checkpoint_root=checkpoint_root)
-        return StageOutput(result.export_dir, result.checkpoint_dir, None, result.steps, result.final)
+        result = train(cfg, objective, dataset, out_dir, checkpoint_root=checkpoint_root, order=order)
+        metrics = after(None) if after else {}
+        return StageOutput(result.export_dir, result.checkpoint_dir, None, result.steps, result.final, metrics)
     with run:
-        run.log_params({"model": model.config.to_dict()})
-        result = train(cfg, model, dataset, out_dir, run=run, checkpoint_root=checkpoint_root)
-        run.log_dict({"train": asdict(cfg), "model": model.config.to_dict()}, "config.json")
+        run.log_params({"model": model_config.to_dict(), **(params or {})})
+        result = train(cfg, objective, dataset, out_dir, run=run, checkpoint_root=checkpoint_root, order=order)
+        metrics = after(run) if after else {}
+        run.log_dict({"train": asdict(cfg), "model": model_config.to_dict(), **(params or {})}, "config.json")
         if run.run_id is not None:
             run.log_artifacts(result.export_dir, artifact_path="model")
+            classifier = Path(result.export_dir).parent / CLASSIFIER_DIR
+            if classifier.is_dir():
+                run.log_artifacts(str(classifier), artifact_path=CLASSIFIER_DIR)
             run.set_tags({"m2d2.export_dir": str(Path(result.export_dir).resolve())})
-    return StageOutput(result.export_dir, result.checkpoint_dir, run.run_id, result.steps, result.final)
+    return StageOutput(result.export_dir, result.checkpoint_dir, run.run_id, result.steps, result.final, metrics)

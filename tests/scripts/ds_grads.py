@@ -14,7 +14,8 @@ from conftest import tiny_bert, tiny_config  # noqa: E402
 
 from m2d2.models import M2D2, PatchMask  # noqa: E402
 from m2d2.train.config import TrainStageConfig  # noqa: E402
-from m2d2.train.engine import deepspeed_config, init_distributed, train_step  # noqa: E402
+from m2d2.train.engine import deepspeed_config, init_distributed  # noqa: E402
+from m2d2.train.objectives import clap_step  # noqa: E402
 
 BATCH = 8
 CAPTIONS = ["a dog barks", "rain on a roof", "a bell rings twice", "wind in trees", "a car horn honks",
@@ -66,7 +67,7 @@ def run(stage: str, dtype: torch.dtype, accum: int) -> tuple[torch.Tensor, dict[
         original_step()
 
     engine.step = step_and_record
-    loss = train_step(engine, model, lms, text, mask, accum)["loss"].detach().reshape(1).to(torch.float64)
+    loss = clap_step(engine, model, lms, text, mask, accum)["loss"].detach().reshape(1).to(torch.float64)
     if world > 1:
         dist.all_reduce(loss)
         loss /= world

@@ -1,0 +1,81 @@
+"""Multi-label tagging evaluation (stage 1.1's AudioSet mAP) of a fine-tuned encoder + classifier head.
+
+A clip longer than the encoder's crop is scored chunk by chunk (whole crops from the start; a last partial
+chunk of at least one patch is kept) and its logits averaged, so every frame counts once and no clip is cut.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from m2d2.data.features import LogMelStore
+from m2d2.eval.metrics import mean_average_precision
+from m2d2.train.finetune import FineTuneModel
+
+
+def chunk_bounds(frames: int, crop: int, patch: int) -> list[tuple[int, int]]:
+    """``[start, end)`` of the chunks a clip of ``frames`` frames is scored in (the first is never dropped)."""
+    bounds = [(start, min(start + crop, frames)) for start in range(0, frames, crop)]
+    return [b for k, b in enumerate(bounds) if k == 0 or b[1] - b[0] >= patch]
+
+
+@torch.no_grad()
+def clip_logits(model: FineTuneModel, store: LogMelStore, clips: Sequence[int] | None = None,
+                batch_size: int = 32) -> torch.Tensor:
+    """``[N, C]`` chunk-averaged logits of ``clips`` (default: all) with the model in eval mode."""
+    clips = list(range(len(store))) if clips is None else list(clips)
+    crop, patch = model.max_frames, model.encoder.patch_frames
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        chunks: list[tuple[int, np.ndarray]] = []
+        for row, clip in enumerate(clips):
+            lms = store[clip]
+            for start, end in chunk_bounds(lms.shape[-1], crop, patch):
+                chunks.append((row, lms[:, start:end]))
+        sums = torch.zeros(len(clips), model.head.linear.out_features, dtype=torch.float64)
+        counts = torch.zeros(len(clips), 1, dtype=torch.float64)
+        # Batch chunks of equal length together: the encoder takes one length per batch.
+        by_length: dict[int, list[tuple[int, np.ndarray]]] = {}
+        for row, chunk in chunks:
+            by_length.setdefault(chunk.shape[-1], []).append((row, chunk))
+        for group in by_length.values():
+            for i in range(0, len(group), batch_size):
+                part = group[i : i + batch_size]
+                lms = torch.from_numpy(np.stack([c for _, c in part])).to(device)
+                logits = model.predict(lms).double().cpu()
+                rows = torch.tensor([r for r, _ in part])
+                sums.index_add_(0, rows, logits)
+                counts.index_add_(0, rows, torch.ones(len(part), 1, dtype=torch.float64))
+        return (sums / counts).float()
+    finally:
+        model.train(was_training)
+
+
+def evaluate_tagging(model: FineTuneModel, store: LogMelStore, classes: Sequence[str],
+                     batch_size: int = 32) -> dict[str, float]:
+    """Macro mAP over classes with a positive clip, plus the chance level of the same targets.
+
+    ``mAP_chance`` is the mAP of constant scores' expectation: each class's positive rate, averaged — what a
+    model that learned nothing scores, for reading ``mAP`` on a small eval set.
+    """
+    column = {name: k for k, name in enumerate(classes)}
+    keep = [i for i in range(len(store)) if all(label in column for label in store.labels[i])]
+    if not keep:
+        raise ValueError(f"no '{store.split}' clip has labels among the {len(classes)} classes")
+    targets = torch.zeros(len(keep), len(classes))
+    for row, clip in enumerate(keep):
+        for label in store.labels[clip]:
+            targets[row, column[label]] = 1.0
+    logits = clip_logits(model, store, keep, batch_size)
+    positives = targets.sum(0)
+    rate = positives[positives > 0] / len(keep)
+    out = {"mAP": mean_average_precision(logits, targets), "mAP_chance": float(rate.mean()),
+           "eval_clips": float(len(keep)), "eval_clips_skipped": float(len(store) - len(keep))}
+    if bool((targets.sum(1) == 1).all()):  # single-label sets also get top-1 accuracy
+        out["top1_acc"] = float((logits.argmax(1) == targets.argmax(1)).float().mean())
+    return out
