@@ -86,8 +86,14 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["convert"]:  # its own parser (m2d2 convert -h), imported only when used
+        from m2d2.convert import main_convert
+
+        return main_convert(argv[1:])
     parser = argparse.ArgumentParser(prog="m2d2", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("convert", help="import a released reference checkpoint (m2d2 convert -h)")
     embed = sub.add_parser("embed", help="features of audio files from an exported model")
     embed.add_argument("files", nargs="+")
     embed.add_argument("--model", required=True, help="directory (or s3:// prefix) written by save_pretrained")

@@ -72,8 +72,8 @@ class AudioEncoder(nn.Module):
 
     @property
     def chunk_frames(self) -> int:
-        """Frames one forward pass covers: whole patches of the trained length (608 -> 608)."""
-        return self.grid[1] * self.patch_frames
+        """Frames one inference chunk spans: the trained crop length (608, or 1001 of which 992 are encoded)."""
+        return self.config.input_frames
 
     def embed(self, lms: torch.Tensor) -> torch.Tensor:
         """Patch tokens with positions added, ``[B, F*t, D]``; ``t`` = whole patch columns in ``lms``.
@@ -84,7 +84,8 @@ class AudioEncoder(nn.Module):
             raise ValueError(f"expected log-mel [B, {self.config.n_mels}, T], got {tuple(lms.shape)}")
         t = lms.shape[-1] // self.patch_frames
         if t == 0 or t > self.grid[1]:
-            raise ValueError(f"log-mel of {lms.shape[-1]} frames: the encoder takes 16 to {self.chunk_frames}")
+            raise ValueError(f"log-mel of {lms.shape[-1]} frames: the encoder takes {self.patch_frames} to "
+                             f"{self.chunk_frames}")
         x = self.patch_embed(lms[:, None, :, : t * self.patch_frames])
         return x + truncate_time(self.pos_embed[:, 1:], self.grid[0], self.grid[1], t)
 
@@ -104,17 +105,18 @@ class AudioEncoder(nn.Module):
         return self.forward_tokens(self.embed(lms), ids_keep)
 
     def encode_chunks(self, lms: torch.Tensor) -> list[torch.Tensor]:
-        """Encode any length by non-overlapping chunks of the trained length (no interpolation).
+        """Encode any length by non-overlapping chunks of the trained length (no interpolation), as the reference.
 
-        The input is right-padded with 0 (the normalised mean) to a whole number of patches; the last,
-        shorter chunk uses truncated positions. Returns patch tokens ``[B, F*t_i, D]`` per chunk, CLS dropped.
-        Unlike the reference's 1001-frame models, no frames are dropped at chunk ends: chunks are cut at
-        whole patches (``grid_t * 16`` frames).
+        The input is right-padded with 0 (the normalised mean) to a whole number of patches, then split into
+        chunks of ``input_frames``; each chunk encodes its whole patches (a 1001-frame chunk: 62 columns, its
+        last 9 frames unused, so 10 s gives 62 frames) and the last, shorter chunk uses truncated positions.
+        Returns patch tokens ``[B, F*t_i, D]`` per chunk, CLS dropped.
         """
         frames = lms.shape[-1]
         padded = -(-frames // self.patch_frames) * self.patch_frames
         lms = F.pad(lms, (0, padded - frames))
-        return [self.forward(chunk)[:, 1:] for chunk in lms.split(self.chunk_frames, dim=-1)]
+        chunks = [c for c in lms.split(self.chunk_frames, dim=-1) if c.shape[-1] >= self.patch_frames]
+        return [self.forward(chunk)[:, 1:] for chunk in chunks]
 
     def tokens_to_frames(self, tokens: torch.Tensor) -> torch.Tensor:
         """``[B, F*t, D]`` frequency-major tokens -> ``[B, t, F*D]`` frame features (paper eq. 2)."""
