@@ -49,6 +49,9 @@ class PipelineConfig:
 
     preset: str = "demo"
     data_root: str = "runs"
+    # "" = generate the demo corpus; else a directory (local or s3://) holding manifest.parquet with audio paths
+    # relative to it, or "<prefix>/latest": the newest snapshot directory under <prefix> (names sort by date).
+    corpus_source: str = ""
     run_key: str = ""  # stable key of the training checkpoints; a relaunch with the same key resumes
     experiment: str = "m2d2"
     baseline_inits: int = 5  # random initialisations averaged for each baseline
@@ -62,18 +65,23 @@ class PipelineConfig:
 
     @classmethod
     def from_preset(cls, name: str, **changes: Any) -> PipelineConfig:
-        """``demo`` (the default: minutes on a 2-core CPU) or ``smoke`` (seconds per stage, for tests)."""
+        """``demo`` (the default: minutes on a 2-core CPU), ``smoke`` (seconds per stage, for tests) or ``paper``
+        (the published settings of every stage; give it a ``data_root`` and a ``corpus_source``)."""
         if name == "demo":
             cfg = cls()
+        elif name == "paper":
+            cfg = cls(preset="paper", **{f: stage_preset(stage, "paper") for f, stage in STAGE_FIELDS.items()})
         elif name == "smoke":
             cfg = cls(preset="smoke", baseline_inits=2, norm_samples=200,
                       corpus=CorpusSettings(train_per_class=2, eval_per_class=20),
-                      stage1=stage_preset("stage1", "smoke"), stage11=stage_preset("stage1.1", "smoke"),
-                      stage2=stage_preset("stage2", "smoke"), stage21=stage_preset("stage2.1", "smoke"))
+                      **{f: stage_preset(stage, "smoke") for f, stage in STAGE_FIELDS.items()})
         else:
-            raise ValueError(f"unknown pipeline preset {name!r}; choose 'demo' or 'smoke'")
+            raise ValueError(f"unknown pipeline preset {name!r}; choose 'demo', 'smoke' or 'paper'")
         return dataclasses.replace(cfg, **changes)
 
+
+#: PipelineConfig field -> training stage, in pipeline order.
+STAGE_FIELDS = {"stage1": "stage1", "stage11": "stage1.1", "stage2": "stage2", "stage21": "stage2.1"}
 
 WORKSPACE_FILE = ".m2d2-workspace"
 
@@ -118,6 +126,37 @@ def _tracked(parent_run_id: str | None, stage: str, **kwargs: Any) -> StageRun |
 
 
 # ----------------------------------------------------------------------------------------------------- data
+LATEST = "latest"
+
+
+def resolve_corpus_source(source: str) -> str:
+    """The corpus directory ``source`` names ("" stays "": the demo corpus is generated).
+
+    ``<prefix>/latest`` picks the newest snapshot under ``<prefix>`` that holds a ``manifest.parquet`` (snapshot
+    names must sort by time, e.g. ``2026-11-26``); anything else must itself hold a ``manifest.parquet``.
+    """
+    from m2d2 import io
+
+    if not source:
+        return ""
+    source = source.rstrip("/")
+    if source.rsplit("/", 1)[-1] == LATEST:
+        import fsspec
+
+        prefix = source.rsplit("/", 1)[0]
+        fs, path = fsspec.core.url_to_fs(prefix)
+        if not fs.isdir(path):
+            raise FileNotFoundError(f"corpus snapshot prefix {prefix} does not exist")
+        names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False) if fs.isdir(p))
+        complete = [n for n in names if fs.exists(f"{path}/{n}/manifest.parquet")]
+        if not complete:
+            raise FileNotFoundError(f"no snapshot with a manifest.parquet under {prefix} (found {names[:5]})")
+        source = io.join(prefix, complete[-1])
+    elif not io.exists(io.join(source, "manifest.parquet")):
+        raise FileNotFoundError(f"corpus source {source} has no manifest.parquet")
+    return str(Path(source).resolve()) if io.is_local(source) else source
+
+
 def build_corpus(cfg: PipelineConfig) -> Path:
     corpus = DemoCorpusConfig(seed=cfg.corpus.seed, train_per_class=cfg.corpus.train_per_class,
                               eval_per_class=cfg.corpus.eval_per_class)

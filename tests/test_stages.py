@@ -102,3 +102,11 @@ def test_paper_presets_match_the_paper():
     paper = M2D2Config.preset("paper")
     assert paper.clap.stage2_mask_ratio == 0.3 and paper.m2d.ema_decay_start == 0.99995
     assert (paper.clap.lambda_m2d, paper.clap.lambda_clap) == (1.0, 0.01)
+
+
+def test_stage2_without_stage11_cannot_crop_beyond_the_encoder(chain):
+    from m2d2.train.stages import run_stage2
+
+    cfg = stage_preset("stage2", "smoke").replace(crop_frames=96)  # the stage-1 encoder takes 64 frames
+    with pytest.raises(ValueError, match="exceed the encoder's 64"):
+        run_stage2(cfg, str(chain["features"]), chain["s1"], str(chain["root"] / "no-s11"))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 from flytekit import Cache, FlyteContextManager, Resources, current_context, task, workflow
+from flytekit.extras.accelerators import GPUAccelerator
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 from flytekit.types.structured import StructuredDataset
@@ -58,6 +59,37 @@ def _elastic(stage: str) -> Elastic:
 
 TRACKING = ("parent_run_id",)
 ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+# Images by name (containers/): `pyflyte run --remote --image trainer=<ref> --image cpu=<ref> ...`. Local runs
+# ignore them. Pods start from the k8s PodTemplates of k8s/base/tasks (non-root, /dev/shm, GPU tolerations).
+TRAINER_IMAGE = "{{.image.trainer.fqn}}:{{.image.trainer.version}}"
+CPU_IMAGE = "{{.image.cpu.fqn}}:{{.image.cpu.version}}"
+GPU_POD_TEMPLATE, CPU_POD_TEMPLATE = "m2d2-gpu", "m2d2-default"
+GPU_TYPE = os.environ.get("M2D2_GPU_TYPE", "nvidia-h100")  # the cluster's accelerator label value
+USES_GPUS = TOPOLOGY != "demo"  # the demo topology trains on CPU processes
+
+
+def _resources(kind: str) -> Resources:
+    """Requests per CPU task kind (and CPU training in the demo topology)."""
+    return {"small": Resources(cpu="1", mem="2Gi"), "corpus": Resources(cpu="2", mem="4Gi"),
+            "features": Resources(cpu="8", mem="16Gi"), "embed": Resources(cpu="8", mem="32Gi"),
+            "evaluate": Resources(cpu="8", mem="32Gi"), "train": Resources(cpu="4", mem="16Gi")}[kind]
+
+
+def _train_resources(stage: str) -> Resources:
+    """Per node: the Elastic launcher runs ``nproc_per_node`` ranks, one per GPU, in one pod."""
+    if not USES_GPUS:
+        return _resources("train")
+    _, nproc = topology(stage)
+    # Per GPU: 10 CPU cores for the DataLoader workers and 96 GiB of host memory (page cache of the log-mel store,
+    # /dev/shm batches); the PodTemplate's /dev/shm counts against the memory request.
+    return Resources(cpu=str(10 * nproc), mem=f"{96 * nproc}Gi", gpu=str(nproc))
+
+
+def cpu_task(kind: str, **kwargs):
+    """A task on the CPU image."""
+    return task(environment=ENV, container_image=CPU_IMAGE, pod_template_name=CPU_POD_TEMPLATE,
+                requests=_resources(kind), **kwargs)
 
 
 @dataclass
@@ -110,7 +142,7 @@ def _local(directory: FlyteDirectory) -> str:
     return path
 
 
-@task(environment=ENV)
+@cpu_task("small")
 def open_workspace(cfg: PipelineConfig) -> str:
     """The data root as an absolute URI plus its workspace id (created on first use), e.g. ``/abs/runs#3f2a...``.
 
@@ -122,7 +154,7 @@ def open_workspace(cfg: PipelineConfig) -> str:
     return workspace_token(cfg.data_root)
 
 
-@task(environment=ENV)
+@cpu_task("small")
 def start_tracking(cfg: PipelineConfig) -> str:
     """Create the MLflow parent run of this execution (idempotent across retries of this task)."""
     from dataclasses import asdict
@@ -138,16 +170,31 @@ def start_tracking(cfg: PipelineConfig) -> str:
                                     "m2d2.preset": cfg.preset})
 
 
-@task(cache=Cache(version="corpus-1"), environment=ENV, requests=Resources(cpu="2", mem="4Gi"))
-def make_corpus(cfg: PipelineConfig, workspace: str) -> Corpus:
+@cpu_task("small")
+def resolve_corpus(cfg: PipelineConfig) -> str:
+    """Which corpus this execution trains on (never cached: ``<prefix>/latest`` moves with new snapshots)."""
+    from m2d2.pipeline import resolve_corpus_source
+
+    return resolve_corpus_source(cfg.corpus_source)
+
+
+@cpu_task("corpus", cache=Cache(version="corpus-2"))
+def make_corpus(cfg: PipelineConfig, workspace: str, source: str) -> Corpus:
+    """The resolved ``source`` corpus as it is, or (no source) the generated demo corpus."""
+    import io as _io
+
+    from m2d2 import io
     from m2d2.pipeline import build_corpus, rooted
 
+    if source:
+        manifest = pq.read_table(_io.BytesIO(io.read_bytes(io.join(source, "manifest.parquet"))))
+        audio = _out(source) if io.is_local(source) else FlyteDirectory(source)
+        return Corpus(audio=audio, manifest=StructuredDataset(dataframe=manifest))
     out = build_corpus(rooted(cfg, workspace))
     return Corpus(audio=_out(out), manifest=StructuredDataset(dataframe=pq.read_table(out / "manifest.parquet")))
 
 
-@task(cache=Cache(version="features-1", ignored_inputs=TRACKING), environment=ENV,
-      requests=Resources(cpu="4", mem="8Gi"))
+@cpu_task("features", cache=Cache(version="features-2", ignored_inputs=TRACKING))
 def make_features(cfg: PipelineConfig, workspace: str, corpus: Corpus, parent_run_id: str) -> Artifact:
     from m2d2.pipeline import build_features, rooted
 
@@ -155,8 +202,7 @@ def make_features(cfg: PipelineConfig, workspace: str, corpus: Corpus, parent_ru
     return Artifact(path=_out(out), mlflow_run_id=run_id or "")
 
 
-@task(cache=Cache(version="embed-1", ignored_inputs=TRACKING), environment=ENV,
-      requests=Resources(cpu="4", mem="16Gi"))
+@cpu_task("embed", cache=Cache(version="embed-1", ignored_inputs=TRACKING))
 def embed_captions(cfg: PipelineConfig, workspace: str, corpus: Corpus, parent_run_id: str) -> Artifact:
     from m2d2.pipeline import build_caption_cache, rooted
 
@@ -194,7 +240,10 @@ def _training_task(stage: str, cache_version: str):
         cache=Cache(version=cache_version, ignored_inputs=TRACKING),
         environment={**TRAIN_ENV, "M2D2_TOPOLOGY": TOPOLOGY, "M2D2_NNODES": str(nnodes),
                      "M2D2_NPROC_PER_NODE": str(nproc)},
-        requests=Resources(cpu="4", mem="16Gi"),
+        container_image=TRAINER_IMAGE,
+        pod_template_name=GPU_POD_TEMPLATE if USES_GPUS else CPU_POD_TEMPLATE,
+        requests=_train_resources(stage),
+        accelerator=GPUAccelerator(GPU_TYPE) if USES_GPUS else None,
         timeout=timedelta(days=7),
         shared_memory=True,  # /dev/shm for DataLoader workers and NCCL
         interruptible=True,  # spot nodes; the resumable checkpoints make a preemption cost one checkpoint interval
@@ -234,7 +283,9 @@ def stage1(cfg: PipelineConfig, workspace: str, features: Artifact, captions: Ar
 @_training_task("stage1.1", "stage11-1")
 def stage11(cfg: PipelineConfig, workspace: str, features: Artifact, stage1_result: StageResult,
             parent_run_id: str) -> StageResult:
-    """Stage 1.1: supervised fine-tuning of the stage-1 encoder (608 -> 1001 frames in the paper)."""
+    """Stage 1.1: supervised fine-tuning of the stage-1 encoder (608 -> 1001 frames in the paper); optional."""
+    if not cfg.stage11.enabled:
+        return stage1_result
     return _run_stage("stage1.1", cfg, workspace, features, _local(stage1_result.model), parent_run_id)
 
 
@@ -248,12 +299,13 @@ def stage2(cfg: PipelineConfig, workspace: str, features: Artifact, stage11_resu
 @_training_task("stage2.1", "stage21-1")
 def stage21(cfg: PipelineConfig, workspace: str, features: Artifact, stage2_result: StageResult,
             parent_run_id: str) -> StageResult:
-    """Stage 2.1: stage 2 continued without masking on the curated subset."""
+    """Stage 2.1: stage 2 continued without masking on the curated subset; optional."""
+    if not cfg.stage21.enabled:
+        return stage2_result
     return _run_stage("stage2.1", cfg, workspace, features, _local(stage2_result.model), parent_run_id)
 
 
-@task(cache=Cache(version="evaluate-2", ignored_inputs=TRACKING), environment=ENV,
-      requests=Resources(cpu="4", mem="16Gi"))
+@cpu_task("evaluate", cache=Cache(version="evaluate-2", ignored_inputs=TRACKING))
 def evaluate(cfg: PipelineConfig, workspace: str, features: Artifact, captions: Artifact,
              stage1_result: StageResult, stage11_result: StageResult, stage2_result: StageResult,
              stage21_result: StageResult, parent_run_id: str) -> EvalResult:
@@ -267,7 +319,7 @@ def evaluate(cfg: PipelineConfig, workspace: str, features: Artifact, captions: 
     return EvalResult(metrics=metrics, mlflow_run_id=run_id or "")
 
 
-@task(environment=ENV)
+@cpu_task("small")
 def finish_tracking(cfg: PipelineConfig, workspace: str, parent_run_id: str, features: Artifact, captions: Artifact,
                     stage1_result: StageResult, stage11_result: StageResult, stage2_result: StageResult,
                     stage21_result: StageResult, evaluation: EvalResult) -> FlyteFile:
@@ -306,7 +358,7 @@ def full(cfg: PipelineConfig = PipelineConfig()) -> FlyteFile:  # noqa: B008 (Fl
     """corpus -> features + caption embeddings -> stages 1, 1.1, 2, 2.1 -> evaluate -> summary (MLflow throughout)."""
     workspace = open_workspace(cfg=cfg)
     parent = start_tracking(cfg=cfg)
-    corpus = make_corpus(cfg=cfg, workspace=workspace)
+    corpus = make_corpus(cfg=cfg, workspace=workspace, source=resolve_corpus(cfg=cfg))
     features = make_features(cfg=cfg, workspace=workspace, corpus=corpus, parent_run_id=parent)
     captions = embed_captions(cfg=cfg, workspace=workspace, corpus=corpus, parent_run_id=parent)
     s1 = stage1(cfg=cfg, workspace=workspace, features=features, captions=captions, parent_run_id=parent)

@@ -20,6 +20,7 @@ class TrainStageConfig:
     curated subset without masking)."""
 
     stage: str = "stage1"
+    enabled: bool = True  # stages 1.1 and 2.1 are optional: disabled, the pipeline passes the input through
     model_preset: str = "demo"
     epochs: int = 300
     warmup_epochs: float = 20.0

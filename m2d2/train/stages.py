@@ -46,7 +46,11 @@ def _expect(cfg: TrainStageConfig, stage: str) -> None:
 
 
 def _crop(cfg: TrainStageConfig, model: M2D2) -> int:
-    return cfg.crop_frames or model.config.encoder.input_frames
+    crop, longest = cfg.crop_frames or model.config.encoder.input_frames, model.config.encoder.input_frames
+    if crop > longest:
+        raise ValueError(f"{cfg.stage}: crops of {crop} frames exceed the encoder's {longest} (its positional table); "
+                         "train stage 1.1 first (it grows the encoder), or lower crop_frames")
+    return crop
 
 
 def _subset(cfg: TrainStageConfig, store: LogMelStore) -> list[int] | None:
