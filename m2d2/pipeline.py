@@ -55,6 +55,8 @@ class PipelineConfig:
     run_key: str = ""  # stable key of the training checkpoints; a relaunch with the same key resumes
     experiment: str = "m2d2"
     baseline_inits: int = 5  # random initialisations averaged for each baseline
+    registered_model: str = "m2d2"  # MLflow registered model of the final (stage 2.1) export
+    primary_metric: str = "stage21/zs_acc"  # the "champion" alias moves only when this beats the incumbent
     prompt_template: str = PROMPT_TEMPLATE
     norm_samples: int = 5000
     corpus: CorpusSettings = field(default_factory=CorpusSettings)
@@ -217,6 +219,7 @@ def evaluate_stages(
     stage21_export: str | Path,
     parent_run_id: str | None = None,
     stage11_metrics: dict[str, float] | None = None,
+    report_dir: str | Path | None = None,
 ) -> tuple[dict[str, float], str | None]:
     """Zero-shot and retrieval of the CLAP models of stages 1, 2 and 2.1 against random-init baselines.
 
@@ -224,6 +227,8 @@ def evaluate_stages(
     map with the same offline caption vectors; stage 2 (and 2.1, which continues it) — the frozen stage-1.1
     encoder with a fresh projector and the untouched pretrained text encoder. Each is averaged over
     ``baseline_inits`` seeds. Stage 1.1's tagging mAP (measured by the stage itself) is passed through.
+    With ``report_dir``, the final model also gets the full suite (:func:`m2d2.eval.suite.evaluate_suite`:
+    linear probe, R@50, confusion matrix, t-SNE, projector attention) and its HTML report, logged to MLflow.
     """
     data = eval_set(feature_dir, cfg.prompt_template)
     cache = CaptionEmbeddings(caption_cache)
@@ -266,6 +271,14 @@ def evaluate_stages(
     results["num_eval_clips"] = float(len(data.labels))
     for stage, baseline in (("stage1", "stage1"), ("stage2", "stage2"), ("stage21", "stage2")):
         results[f"{stage}_zs_gain"] = results[f"{stage}/zs_acc"] - results[f"{baseline}_baseline/zs_acc"]
+    suite = None
+    if report_dir is not None:
+        from m2d2.eval.suite import evaluate_suite
+
+        suite = evaluate_suite(M2D2.from_pretrained(str(stage21_export)), data, report_dir,
+                               title="M2D2 final model (stage 2.1)")
+        _put(results, "final", {k: v for k, v in suite.metrics.items() if k.startswith(("probe_", "a2t_R50",
+                                                                                        "t2a_R50", "zs_"))})
     run_id = None
     if parent_run_id:
         with StageRun(parent_run_id, "evaluate", params={"baseline_inits": cfg.baseline_inits,
@@ -277,6 +290,10 @@ def evaluate_stages(
             run.log_metrics(results, step=0)
             run.log_dict(results, "metrics.json")
             run_id = run.run_id
+            if suite is not None and run_id is not None:
+                from m2d2.eval.reports import log_report
+
+                log_report(suite.report_dir, run_id, "report")
     return results, run_id
 
 

@@ -78,3 +78,12 @@ def test_smoke_pipeline_runs_twice_and_tracks_everything(tmp_path):
     assert not [r for r in runs if r.data.tags.get("mlflow.parentRunId") == second_parent.info.run_id]
     exported = list((tmp_path / "data" / "stage2").glob("*/model/config.json"))
     assert len(exported) == 1
+    # Evaluation report and eval-gated registration: one version (the re-run is a cache hit), the champion.
+    evaluate_run = next(r for r in children if r.data.tags["m2d2.stage"] == "evaluate")
+    report = {a.path for a in client.list_artifacts(evaluate_run.info.run_id, "report")}
+    assert "report/report.html" in report and any(p.endswith(".png") for p in report)
+    assert "final/probe_acc" in metrics
+    versions = client.search_model_versions("name='m2d2'")
+    assert len(versions) == 1
+    assert client.get_model_version_by_alias("m2d2", "champion").version == versions[0].version
+    assert first_parent.data.tags["m2d2.champion"] == "true"

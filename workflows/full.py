@@ -120,6 +120,17 @@ class StageResult:
 class EvalResult:
     metrics: dict[str, float]
     mlflow_run_id: str
+    report: FlyteDirectory  # report.html + figures of the final model
+
+
+@dataclass
+class Registration:
+    """The MLflow model version of this execution's final model, and whether it became the champion."""
+
+    model_uri: str
+    version: str
+    promoted: bool
+    reason: str
 
 
 def _is_local() -> bool:
@@ -305,24 +316,45 @@ def stage21(cfg: PipelineConfig, workspace: str, features: Artifact, stage2_resu
     return _run_stage("stage2.1", cfg, workspace, features, _local(stage2_result.model), parent_run_id)
 
 
-@cpu_task("evaluate", cache=Cache(version="evaluate-2", ignored_inputs=TRACKING))
+@cpu_task("evaluate", cache=Cache(version="evaluate-3", ignored_inputs=TRACKING), enable_deck=True)
 def evaluate(cfg: PipelineConfig, workspace: str, features: Artifact, captions: Artifact,
              stage1_result: StageResult, stage11_result: StageResult, stage2_result: StageResult,
              stage21_result: StageResult, parent_run_id: str) -> EvalResult:
-    from m2d2.pipeline import evaluate_stages
+    """Every stage's CLAP metrics vs baselines, the final model's full suite, its report (also a Flyte Deck)."""
+    from flytekit import Deck
 
+    from m2d2.eval.reports import report_html
+    from m2d2.pipeline import evaluate_stages, rooted, step_dir
+
+    exports = [_local(r.model) for r in (stage1_result, stage11_result, stage2_result, stage21_result)]
+    report_dir = step_dir(rooted(cfg, workspace), "evaluate", cfg, *exports) / "report"
     metrics, run_id = evaluate_stages(
-        cfg, _local(features.path), Path(_local(captions.path)) / "captions.parquet",
-        _local(stage1_result.model), _local(stage11_result.model), _local(stage2_result.model),
-        _local(stage21_result.model), parent_run_id or None, stage11_metrics=stage11_result.metrics,
+        cfg, _local(features.path), Path(_local(captions.path)) / "captions.parquet", *exports,
+        parent_run_id or None, stage11_metrics=stage11_result.metrics, report_dir=report_dir,
     )
-    return EvalResult(metrics=metrics, mlflow_run_id=run_id or "")
+    Deck("evaluation", report_html(report_dir))
+    return EvalResult(metrics=metrics, mlflow_run_id=run_id or "", report=_out(report_dir))
+
+
+@cpu_task("small", cache=Cache(version="register-1", ignored_inputs=TRACKING))
+def register(cfg: PipelineConfig, stage21_result: StageResult, evaluation: EvalResult,
+             parent_run_id: str) -> Registration:
+    """Register the final model; the champion alias moves only if ``cfg.primary_metric`` beats the incumbent.
+
+    Cached by the model and its scores, so re-running an unchanged pipeline adds no duplicate version.
+    """
+    from m2d2.registry import register_model
+
+    result = register_model(_local(stage21_result.model), cfg.registered_model, evaluation.metrics,
+                            cfg.primary_metric, run_id=evaluation.mlflow_run_id or None)
+    return Registration(model_uri=result.model_uri, version=str(result.version), promoted=result.promoted,
+                        reason=result.reason)
 
 
 @cpu_task("small")
 def finish_tracking(cfg: PipelineConfig, workspace: str, parent_run_id: str, features: Artifact, captions: Artifact,
                     stage1_result: StageResult, stage11_result: StageResult, stage2_result: StageResult,
-                    stage21_result: StageResult, evaluation: EvalResult) -> FlyteFile:
+                    stage21_result: StageResult, evaluation: EvalResult, registration: Registration) -> FlyteFile:
     """Record which stages were cache hits (and the runs that produced them), the headline metrics, and close.
 
     Writes ``<data_root>/summaries/<parent run>.json`` and ``<data_root>/latest-summary.json`` (``m2d2 summary``).
@@ -340,11 +372,16 @@ def finish_tracking(cfg: PipelineConfig, workspace: str, parent_run_id: str, fea
                "evaluate": evaluation.mlflow_run_id}
     hits = record_cache_hits(parent_run_id, sources)
     finish_pipeline_run(parent_run_id, metrics=evaluation.metrics,
-                        tags={"m2d2.cache_hits": ",".join(s for s, hit in hits.items() if hit) or "none"})
+                        tags={"m2d2.cache_hits": ",".join(s for s, hit in hits.items() if hit) or "none",
+                              "m2d2.registered_model": registration.model_uri,
+                              "m2d2.champion": str(registration.promoted).lower(),
+                              "m2d2.registration_reason": registration.reason})
     summary = {"mlflow_parent_run_id": parent_run_id, "tracking_uri": tracking_uri(), "cache_hits": hits,
                "metrics": evaluation.metrics, "stage1_model": _local(stage1_result.model),
                "stage11_model": _local(stage11_result.model), "stage2_model": _local(stage2_result.model),
-               "stage21_model": _local(stage21_result.model)}
+               "stage21_model": _local(stage21_result.model), "report": _local(evaluation.report),
+               "registration": {"model_uri": registration.model_uri, "promoted": registration.promoted,
+                                "reason": registration.reason}}
     blob = json.dumps(summary, indent=2).encode()
     root = Path(rooted(cfg, workspace).data_root)
     path = root / "summaries" / f"{parent_run_id}.json"
@@ -355,7 +392,7 @@ def finish_tracking(cfg: PipelineConfig, workspace: str, parent_run_id: str, fea
 
 @workflow
 def full(cfg: PipelineConfig = PipelineConfig()) -> FlyteFile:  # noqa: B008 (Flyte reads defaults here)
-    """corpus -> features + caption embeddings -> stages 1, 1.1, 2, 2.1 -> evaluate -> summary (MLflow throughout)."""
+    """corpus -> features + caption embeddings -> stages 1, 1.1, 2, 2.1 -> evaluate -> register -> summary."""
     workspace = open_workspace(cfg=cfg)
     parent = start_tracking(cfg=cfg)
     corpus = make_corpus(cfg=cfg, workspace=workspace, source=resolve_corpus(cfg=cfg))
@@ -367,6 +404,7 @@ def full(cfg: PipelineConfig = PipelineConfig()) -> FlyteFile:  # noqa: B008 (Fl
     s21 = stage21(cfg=cfg, workspace=workspace, features=features, stage2_result=s2, parent_run_id=parent)
     scores = evaluate(cfg=cfg, workspace=workspace, features=features, captions=captions, stage1_result=s1,
                       stage11_result=s11, stage2_result=s2, stage21_result=s21, parent_run_id=parent)
+    registration = register(cfg=cfg, stage21_result=s21, evaluation=scores, parent_run_id=parent)
     return finish_tracking(cfg=cfg, workspace=workspace, parent_run_id=parent, features=features, captions=captions,
                            stage1_result=s1, stage11_result=s11, stage2_result=s2, stage21_result=s21,
-                           evaluation=scores)
+                           evaluation=scores, registration=registration)

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 
 MAP_K = 10
 DEFAULT_KS = (1, 5, 10)
+#: What the reference's ``retr_a2t_t2a.py`` reports (with mAP@10); the paper's Table VIII prints R@1/5/10.
+RETRIEVAL_KS = (1, 5, 10, 50)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -104,6 +106,27 @@ def zero_shot_accuracy(audio_emb: torch.Tensor, class_text_emb: torch.Tensor, la
     _check_index("labels", labels, audio_emb.shape[0], class_text_emb.shape[0])
     predictions = zero_shot_predictions(audio_emb, class_text_emb)
     return float((predictions == labels.to(predictions.device)).double().mean())
+
+
+def zero_shot_map(audio_emb: torch.Tensor, class_text_emb: torch.Tensor, targets: torch.Tensor | np.ndarray) -> float:
+    """Multi-label zero-shot mAP (AudioSet, FSD50K): cosine scores ranked per class against multi-hot ``targets``.
+
+    The reference applies a sigmoid first; a monotone map changes no ranking, so the cosine is scored directly.
+    """
+    return mean_average_precision(cosine_similarity_matrix(audio_emb, class_text_emb), targets)
+
+
+def confusion_matrix(labels: torch.Tensor | np.ndarray, predictions: torch.Tensor | np.ndarray,
+                     num_classes: int) -> np.ndarray:
+    """``[C, C]`` counts, row = true class, column = predicted class (sklearn's orientation)."""
+    y = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels, dtype=np.int64).reshape(-1)
+    p = np.asarray(predictions.cpu() if isinstance(predictions, torch.Tensor) else predictions, np.int64).reshape(-1)
+    if y.shape != p.shape:
+        raise ValueError(f"labels ({y.shape[0]}) and predictions ({p.shape[0]}) differ in length")
+    for name, v in (("labels", y), ("predictions", p)):
+        if v.size and (v.min() < 0 or v.max() >= num_classes):
+            raise ValueError(f"{name} must lie in [0, {num_classes}), got [{v.min()}, {v.max()}]")
+    return np.bincount(y * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
 # ----------------------------------------------------------------------------- retrieval
