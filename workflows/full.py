@@ -213,7 +213,7 @@ def make_features(cfg: PipelineConfig, workspace: str, corpus: Corpus, parent_ru
     return Artifact(path=_out(out), mlflow_run_id=run_id or "")
 
 
-@cpu_task("embed", cache=Cache(version="embed-1", ignored_inputs=TRACKING))
+@cpu_task("embed", cache=Cache(version="embed-2", ignored_inputs=TRACKING))
 def embed_captions(cfg: PipelineConfig, workspace: str, corpus: Corpus, parent_run_id: str) -> Artifact:
     from m2d2.pipeline import build_caption_cache, rooted
 

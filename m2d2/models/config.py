@@ -90,6 +90,7 @@ class OfflineTextConfig:
     dim: int = 384
     normalize: bool = False  # the reference stores raw (not L2-normalised) sentence embeddings
     max_length: int = 512
+    instruction: str = ""  # NV-Embed-v2's instruction prefix (the reference embedded captions with "")
 
 
 @dataclass

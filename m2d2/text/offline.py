@@ -1,63 +1,47 @@
 """Offline sentence encoders: run once over unique captions, never during training.
 
 Models are loaded only from local directories (or a directory shipped inside a Python package, written
-``package:<module>``), never fetched from a hub at run time.
+``package:<module>``), never fetched from a hub at run time. The kinds are plug-ins (:mod:`m2d2.text.encoders`).
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-from m2d2.io import resolve_model_path
 from m2d2.models.config import OfflineTextConfig
+from m2d2.text.encoders import ENCODERS, TextEncoderPlugin, load_encoder
 
-KINDS = ("hf-mean-pool", "hf-cls", "nv-embed-v2")
+KINDS = tuple(ENCODERS)  # the built-in kinds; register_encoder adds more
 
 
 class OfflineTextEncoder:
-    """Sentence embeddings from a local transformers model.
+    """Sentence embeddings from a local model of kind ``config.kind``, checked against ``config.dim``.
 
-    ``hf-mean-pool``: mean over the attention mask (sentence-transformers / GTE recipe); ``hf-cls``: the CLS
-    token; ``nv-embed-v2``: the model's own ``encode`` (remote code from the local directory). Outputs are
-    float32 and not L2-normalised unless ``config.normalize`` is set.
+    Outputs are float32 on CPU and not L2-normalised unless ``config.normalize`` is set (the reference stores
+    raw vectors). ``dtype`` (``auto``: float32 on CPU, bf16/fp16 on GPU) is the compute precision.
     """
 
-    def __init__(self, config: OfflineTextConfig, device: str | torch.device = "cpu"):
-        from transformers import AutoModel, AutoTokenizer
-
-        if config.kind not in KINDS:
-            raise ValueError(f"unknown offline text encoder kind {config.kind!r}; choose one of {KINDS}")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    def __init__(self, config: OfflineTextConfig, device: str | torch.device = "cpu",
+                 dtype: str | torch.dtype | None = None, instruction: str | None = None):
         self.config = config
         self.device = torch.device(device)
-        path = resolve_model_path(config.path)
-        remote = config.kind == "nv-embed-v2"
-        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
-        self.model = AutoModel.from_pretrained(path, trust_remote_code=remote).to(self.device).eval()
+        self.plugin: TextEncoderPlugin = load_encoder(config, self.device, dtype, instruction)
 
-    @torch.no_grad()
-    def encode(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
-        """``[len(texts), dim]`` float32 on CPU, in input order."""
-        out = []
-        for start in range(0, len(texts), batch_size):
-            batch = list(texts[start : start + batch_size])
-            out.append(self._encode_batch(batch).float().cpu())
-        emb = torch.cat(out) if out else torch.empty(0, self.config.dim)
-        if emb.shape[-1] != self.config.dim:
-            raise ValueError(f"encoder {self.config.path!r} gives {emb.shape[-1]}-d vectors, config says {self.config.dim}")
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.plugin.dtype
+
+    def encode_batch(self, texts: list[str]) -> torch.Tensor:
+        """One forward pass: ``[len(texts), dim]`` float32 on CPU. Batch composition is the caller's choice
+        (it fixes padding, hence the last bits of each vector)."""
+        emb = self.plugin.encode_batch(list(texts)).float().cpu()
+        if emb.ndim != 2 or emb.shape[-1] != self.config.dim:
+            raise ValueError(f"encoder {self.config.path!r} gives vectors of shape {tuple(emb.shape[1:])}, "
+                             f"config says {self.config.dim}")
         return F.normalize(emb, dim=-1) if self.config.normalize else emb
 
-    def _encode_batch(self, texts: list[str]) -> torch.Tensor:
-        if self.config.kind == "nv-embed-v2":
-            return torch.as_tensor(self.model.encode(texts, instruction="", max_length=self.config.max_length))
-        tokens = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.config.max_length, return_tensors="pt"
-        ).to(self.device)
-        hidden = self.model(**tokens).last_hidden_state
-        if self.config.kind == "hf-cls":
-            return hidden[:, 0]
-        mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+    def encode(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+        """``[len(texts), dim]`` float32 on CPU, in input order, in consecutive batches of ``batch_size``."""
+        out = [self.encode_batch(list(texts[start : start + batch_size])) for start in range(0, len(texts), batch_size)]
+        return torch.cat(out) if out else torch.empty(0, self.config.dim)
