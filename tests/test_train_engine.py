@@ -98,14 +98,14 @@ def test_two_process_elastic_deepspeed_stage1(tmp_path, smoke_data):
                               stage1=cfg.stage1.replace(global_batch=4, max_steps=2))
     script = f"""
 import json, sys
-from m2d2.pipeline import PipelineConfig
+from m2d2.pipeline import STAGE_FIELDS, PipelineConfig
 from m2d2.train.config import TrainStageConfig
 from workflows.full import Artifact, stage1, _out
 from m2d2.pipeline import workspace_token
 from m2d2.tracking import start_pipeline_run
-cfg = PipelineConfig(**{{**json.loads(sys.argv[1]), "corpus": PipelineConfig().corpus,
-                        "stage1": TrainStageConfig(**json.loads(sys.argv[1])["stage1"]),
-                        "stage2": TrainStageConfig(**json.loads(sys.argv[1])["stage2"])}})
+raw = json.loads(sys.argv[1])
+cfg = PipelineConfig(**{{**raw, "corpus": PipelineConfig().corpus,
+                        **{{f: TrainStageConfig(**raw[f]) for f in STAGE_FIELDS}}}})
 parent = start_pipeline_run("elastic-test")
 result = stage1(cfg=cfg, workspace=workspace_token(cfg.data_root), features=Artifact(path=_out({str(features)!r}), mlflow_run_id=""),
                 captions=Artifact(path=_out({str(captions.parent)!r}), mlflow_run_id=""), parent_run_id=parent)
