@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from m2d2 import io
 from m2d2.data.demo import DemoCorpusConfig, generate_demo_corpus
 from m2d2.data.features import FeatureConfig, LogMelStore, extract_features
 from m2d2.eval.clap import ClapEvalSet, evaluate_clap
@@ -96,8 +97,6 @@ def workspace_token(data_root: str) -> str:
     """
     import uuid
 
-    from m2d2 import io
-
     root = str(Path(data_root).resolve()) if io.is_local(data_root) else data_root.rstrip("/")
     marker = io.join(root, WORKSPACE_FILE)
     if not io.exists(marker):
@@ -137,8 +136,6 @@ def resolve_corpus_source(source: str) -> str:
     ``<prefix>/latest`` picks the newest snapshot under ``<prefix>`` that holds a ``manifest.parquet`` (snapshot
     names must sort by time, e.g. ``2026-11-26``); anything else must itself hold a ``manifest.parquet``.
     """
-    from m2d2 import io
-
     if not source:
         return ""
     source = source.rstrip("/")
@@ -175,7 +172,7 @@ def build_features(cfg: PipelineConfig, corpus_dir: str | Path,
     out = step_dir(cfg, "features", features, corpus_dir)
     run = _tracked(parent_run_id, "features", params={"features": features, "corpus": str(corpus_dir)})
     with run or nullcontext():
-        stats = extract_features(Path(corpus_dir) / "manifest.parquet", corpus_dir, out, features)
+        stats = extract_features(io.join(str(corpus_dir), "manifest.parquet"), corpus_dir, out, features)
         if run:
             meta = json.loads((out / "stats.json").read_text())
             run.log_metrics({"norm_mean": stats.mean, "norm_std": stats.std, "quarantined": meta["quarantined"],

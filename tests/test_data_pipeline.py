@@ -1,4 +1,4 @@
-"""Feature store, caption-embedding cache and the training dataset (on small generated data)."""
+"""Feature store, caption-embedding cache, the training datasets and the rank-sharded resumable loader."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def _write_corpus(root, rows):
         wave = 0.2 * np.sin(2 * np.pi * (300 + 100 * len(records)) * t)
         data = np.stack([wave] * channels, axis=1) if channels > 1 else wave
         sf.write(root / "audio" / f"{clip_id}.wav", data, sr)
-        records.append({"clip_id": clip_id, "audio_uri": f"audio/{clip_id}.wav", "split": split,
+        records.append({"clip_id": clip_id, "source": "tones", "audio_uri": f"audio/{clip_id}.wav", "split": split,
                         "captions": captions, "labels": ["tone"]})
     pq.write_table(pa.Table.from_pylist(records), root / "manifest.parquet")
     return root / "manifest.parquet"
@@ -42,7 +42,7 @@ def corpus(tmp_path):
     manifest = _write_corpus(tmp_path / "corpus", rows)
     (tmp_path / "corpus" / "audio" / "broken.wav").write_bytes(b"not audio at all")
     table = pq.read_table(manifest).to_pylist()
-    table.append({"clip_id": "broken", "audio_uri": "audio/broken.wav", "split": "train",
+    table.append({"clip_id": "broken", "source": "tones", "audio_uri": "audio/broken.wav", "split": "train",
                   "captions": ["nothing"], "labels": ["tone"]})
     pq.write_table(pa.Table.from_pylist(table), manifest)
     return tmp_path / "corpus"
@@ -147,3 +147,61 @@ def test_workspace_token_changes_when_the_data_root_is_recreated(tmp_path):
     second = workspace_token(str(root))
     assert second != first  # cache keys built on the token cannot point into the deleted tree
     assert rooted(PipelineConfig(), second).data_root == str(root.resolve())
+
+
+def test_crop_loader_shards_by_rank_resumes_exactly_and_ignores_worker_count(tmp_path):
+    from m2d2.data.loader import CropLoader, rank_batches
+    from m2d2.data.shards import FeatureConfig as Cfg
+    from m2d2.data.shards import LogMelClip, import_logmels
+
+    rng = np.random.default_rng(0)
+    clips = [LogMelClip(f"c{i}", rng.normal(-7, 4, (80, 40 + 7 * i)).astype(np.float32), (f"caption {i % 3}",))
+             for i in range(24)]
+    import_logmels(str(tmp_path / "s"), {"train": clips}, Cfg(norm_crop_frames=32, norm_samples=50, shard_mb=0.1),
+                   progress=False)
+    data = CropDataset(LogMelStore(tmp_path / "s", "train"), 64, seed=5)
+    full = CropLoader(data, global_batch=4, seed=5)
+    full.set_epoch(1)
+    reference = list(full)
+    assert len(reference) == 6 and full.state_dict() == {"epoch": 2, "batch": 0}
+    # Two ranks: rank r holds every other clip of each global batch; together they are the global batch.
+    ranks = [rank_batches(full.order, 1, 4, rank, 2) for rank in (0, 1)]
+    for b, batch in enumerate(rank_batches(full.order, 1, 4)):
+        assert sorted(ranks[0][b] + ranks[1][b]) == sorted(batch)
+    # Interrupted after 2 batches, resumed from its state_dict with worker processes: the same remaining batches.
+    first = CropLoader(data, global_batch=4, seed=5)
+    first.set_epoch(1)
+    seen = []
+    for batch in first:
+        seen.append(batch)
+        if len(seen) == 2:
+            break
+    state = first.state_dict()
+    assert state == {"epoch": 1, "batch": 2}
+    resumed = CropLoader(data, global_batch=4, seed=5, num_workers=2)
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    for (x1, t1), (x2, t2) in zip(seen + rest, reference, strict=True):
+        assert torch.equal(x1, x2) and t1 == t2
+
+
+def test_short_clips_pad_with_the_configured_raw_log_value(corpus, tmp_path):
+    extract_features(corpus / "manifest.parquet", corpus, tmp_path / "f", FeatureConfig(norm_crop_frames=32,
+                                                                                        norm_samples=10))
+    store = LogMelStore(tmp_path / "f", "train")
+    short = store.clip_ids.index("b")  # 51 frames
+    default = CropDataset(store, 64, subset=[short])[0][0]
+    silence = CropDataset(store, 64, subset=[short], pad_value=-15.9424)[0][0]
+    assert torch.all(default[:, 51:] == 0) and torch.all(silence[:, 51:] == -15.9424)
+    assert torch.equal(default[:, :51], silence[:, :51])
+
+
+def test_extract_features_in_worker_processes_equals_the_sequential_store(corpus, tmp_path):
+    cfg = FeatureConfig(norm_crop_frames=32, norm_samples=40, shard_mb=0.005)
+    serial = extract_features(corpus / "manifest.parquet", corpus, tmp_path / "serial", cfg, progress=False)
+    parallel = extract_features(corpus / "manifest.parquet", corpus, tmp_path / "parallel", cfg, progress=False,
+                                workers=2)
+    assert parallel == serial
+    a, b = LogMelStore(tmp_path / "serial", "train"), LogMelStore(tmp_path / "parallel", "train")
+    assert len(a.shard_ids()) > 1 and list(a.clip_ids) == list(b.clip_ids)
+    assert all(np.array_equal(a[i], b[i]) for i in range(len(a)))

@@ -205,7 +205,7 @@ def make_corpus(cfg: PipelineConfig, workspace: str, source: str) -> Corpus:
     return Corpus(audio=_out(out), manifest=StructuredDataset(dataframe=pq.read_table(out / "manifest.parquet")))
 
 
-@cpu_task("features", cache=Cache(version="features-2", ignored_inputs=TRACKING))
+@cpu_task("features", cache=Cache(version="features-3", ignored_inputs=TRACKING))
 def make_features(cfg: PipelineConfig, workspace: str, corpus: Corpus, parent_run_id: str) -> Artifact:
     from m2d2.pipeline import build_features, rooted
 

@@ -1,18 +1,33 @@
 """Audio front end: decoding to 16 kHz mono, the M2D log-mel transform, and log-mel normalisation stats."""
 
-from m2d2.audio.decode import AudioDecodeError, AudioInfo, audio_info, downmix, load_audio, resample
+from m2d2.audio.decode import (
+    DECODE_ISSUES,
+    AudioDecodeError,
+    AudioInfo,
+    DecodedAudio,
+    audio_info,
+    decode_audio,
+    downmix,
+    is_silent,
+    load_audio,
+    resample,
+)
 from m2d2.audio.frontend import LogMelConfig, LogMelSpectrogram
 from m2d2.audio.stats import NormStats, compute_norm_stats
 
 __all__ = [
+    "DECODE_ISSUES",
     "AudioDecodeError",
     "AudioInfo",
+    "DecodedAudio",
     "LogMelConfig",
     "LogMelSpectrogram",
     "NormStats",
     "audio_info",
     "compute_norm_stats",
+    "decode_audio",
     "downmix",
+    "is_silent",
     "load_audio",
     "resample",
 ]

@@ -1,98 +1,64 @@
-"""Log-mel feature store: one memory-mapped float16 array per split plus a Parquet index.
+"""Log-mel feature store: the sequential ingestion driver and the reader training uses.
 
-Replaces the reference's one-``.npy``-per-clip layout: a split is ``<split>.lms.npy`` of shape
-``[n_mels, total_frames]`` (clips concatenated along time) and ``<split>.index.parquet`` with each clip's
-offset, length, labels and captions. Readers memory-map the array, so many DataLoader workers share one
-page cache instead of each opening thousands of files. Clips that fail to decode are listed in
-``quarantine.parquet`` with the reason; nothing is dropped silently.
+The store is written by :mod:`m2d2.data.shards` (float16 shards + Parquet indexes + commit markers, local or
+``s3://``). :func:`extract_features` runs the same ``plan_shards`` -> ``build_shard`` -> ``finalize_store`` steps
+the cluster workflow runs as a map task, one shard after the other, so the demo and the cluster share one
+ingestion implementation.
+
+Reading from S3 goes through a **local shard cache**, not per-crop range reads: a training crop is ~97 KB and
+random, so range reads would cost one request per sample (the reference's one-object-per-clip problem again),
+while a shard of a few hundred MB downloads at full bandwidth once and is then memory-mapped like a local store
+by every DataLoader worker and every rank on the node (a file lock makes one process download it). Cached shards
+are named by their sha256 (from ``_COMPLETE.json``) and verified on download, so a cache can never serve bytes of
+another store or version. The cache needs local disk for the split's shards (``M2D2_CACHE_DIR``, default
+``~/.cache/m2d2/shards``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import io as _io
 import json
 import logging
+import multiprocessing
 import os
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from pathlib import Path
+from typing import Any
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from m2d2.audio import AudioDecodeError, LogMelSpectrogram, NormStats, compute_norm_stats, load_audio
-from m2d2.io import atomic_write_bytes
+from m2d2 import io
+from m2d2.audio import NormStats
+from m2d2.data.shards import (
+    COMPLETE_FILE,
+    INDEX_SCHEMA,
+    QUARANTINE_FILE,
+    QUARANTINE_SCHEMA,
+    STATS_FILE,
+    FeatureConfig,
+    ShardPlan,
+    ShardResult,
+    StoreReport,
+    build_shard,
+    finalize_store,
+    plan_shards,
+)
 
 log = logging.getLogger(__name__)
 
-STATS_FILE = "stats.json"
-QUARANTINE_FILE = "quarantine.parquet"
-INDEX_SCHEMA = pa.schema(
-    [
-        ("clip_id", pa.string()),
-        ("source", pa.string()),
-        ("offset", pa.int64()),
-        ("frames", pa.int64()),
-        ("labels", pa.list_(pa.string())),
-        ("captions", pa.list_(pa.string())),
-    ]
-)
-QUARANTINE_SCHEMA = pa.schema([("clip_id", pa.string()), ("audio_uri", pa.string()), ("reason", pa.string())])
+__all__ = ["COMPLETE_FILE", "INDEX_SCHEMA", "QUARANTINE_FILE", "QUARANTINE_SCHEMA", "STATS_FILE", "FeatureConfig",
+           "LogMelStore", "extract_features", "fetch_shard", "fetch_shards", "load_norm_stats", "store_report"]
 
-
-@dataclass(frozen=True)
-class FeatureConfig:
-    """How features are made; stored next to them so a reader knows what it got."""
-
-    sample_rate: int = 16000
-    min_seconds: float = 0.0  # zero-pad shorter waveforms (the reference pads to 6.1 s); 0 keeps them as they are
-    max_seconds: float = 30.0  # truncate longer waveforms, as the reference's pre-processing does
-    norm_crop_frames: int = 608  # crop length of the normalisation statistics (the training crop)
-    norm_samples: int = 5000
-    seed: int = 0
-
-
-def _write_parquet(table: pa.Table, path: Path) -> None:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    atomic_write_bytes(path, sink.getvalue().to_pybytes())
-
-
-def _extract_split(rows: list[dict], corpus_root: Path, out_dir: Path, split: str, cfg: FeatureConfig,
-                   frontend: LogMelSpectrogram) -> tuple[int, list[dict]]:
-    """Decode and transform one split into its store; returns (clips stored, quarantine rows)."""
-    mels, index, quarantine, offset = [], [], [], 0
-    for row in tqdm(rows, desc=f"log-mel {split}", unit="clip", leave=False):
-        uri = row["audio_uri"]
-        path = Path(uri) if os.path.isabs(uri) else corpus_root / uri
-        try:
-            wave = load_audio(path, cfg.sample_rate)
-        except (AudioDecodeError, FileNotFoundError) as exc:
-            quarantine.append({"clip_id": row["clip_id"], "audio_uri": uri, "reason": str(exc)})
-            continue
-        wave = wave[: int(cfg.max_seconds * cfg.sample_rate)]
-        min_len = max(int(cfg.min_seconds * cfg.sample_rate), frontend.config.min_samples)
-        if wave.numel() < min_len:
-            wave = torch.nn.functional.pad(wave, (0, min_len - wave.numel()))
-        with torch.inference_mode():
-            lms = frontend(wave).numpy()
-        mels.append(lms.astype(np.float16))
-        index.append({"clip_id": row["clip_id"], "source": row.get("source") or "", "offset": offset,
-                      "frames": lms.shape[-1],
-                      "labels": list(row.get("labels") or []), "captions": list(row.get("captions") or [])})
-        offset += lms.shape[-1]
-    n_mels = frontend.config.n_mels
-    tmp = out_dir / f".{split}.lms.npy.tmp"
-    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n_mels, offset))
-    for row, lms in zip(index, mels, strict=True):
-        array[:, row["offset"] : row["offset"] + row["frames"]] = lms
-    array.flush()
-    del array
-    os.replace(tmp, out_dir / f"{split}.lms.npy")
-    _write_parquet(pa.Table.from_pylist(index, schema=INDEX_SCHEMA), out_dir / f"{split}.index.parquet")
-    return len(index), quarantine
+_CHUNK = 16 * 2**20
 
 
 def extract_features(
@@ -101,74 +67,277 @@ def extract_features(
     out_dir: str | Path,
     config: FeatureConfig | None = None,
     splits: Sequence[str] = ("train", "eval"),
+    progress: bool = True,
+    workers: int = 1,
 ) -> NormStats:
-    """Log-mel of every clip of ``manifest`` (through :mod:`m2d2.audio`) + normalisation stats of training crops.
+    """Log-mel of every clip of ``manifest`` (rows of ``splits``) into a sharded store at ``out_dir`` (local path
+    or ``s3://``), plus normalisation stats of training crops, which are stored and returned.
 
-    The stats are written to ``stats.json`` and returned; the training split must be present.
+    Re-running after a crash redoes only the shards that were not committed. Rejected clips are listed in
+    ``quarantine.parquet``; counts are in ``stats.json`` (see :func:`store_report`). ``workers`` > 1 builds shards
+    in that many processes, one torch thread each (shards are the unit of parallelism, as in the map task).
     """
-    cfg = config or FeatureConfig()
-    out_dir, corpus_root = Path(out_dir), Path(corpus_root)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    table = pq.read_table(manifest)
-    frontend = LogMelSpectrogram()
-    counts, quarantine = {}, []
-    for split in splits:
-        rows = [r for r in table.to_pylist() if r["split"] == split]
-        counts[split], bad = _extract_split(rows, corpus_root, out_dir, split, cfg, frontend)
-        quarantine += bad
-    _write_parquet(pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA), out_dir / QUARANTINE_FILE)
-    if quarantine:
-        log.warning("%d clips quarantined (see %s)", len(quarantine), out_dir / QUARANTINE_FILE)
-    train = LogMelStore(out_dir, "train")
-    if len(train) == 0:
-        raise ValueError(f"no training clip could be decoded from {manifest}")
-    stats = compute_norm_stats(train, cfg.norm_crop_frames, cfg.norm_samples, cfg.seed)
-    meta = {"norm_mean": stats.mean, "norm_std": stats.std, "counts": counts, "quarantined": len(quarantine),
-            "config": asdict(cfg)}
-    atomic_write_bytes(out_dir / STATS_FILE, json.dumps(meta, indent=2).encode())
-    return stats
+    plan = plan_shards(str(manifest), str(out_dir), str(corpus_root), config or FeatureConfig(), tuple(splits))
+    if not plan.split_sizes.get("train"):
+        raise ValueError(f"{manifest} has no 'train' rows: the normalisation statistics need training clips")
+    built = 0
+    if workers > 1:
+        context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch/fsspec state
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            futures = [pool.submit(_build_single_threaded, plan.to_json(), k) for k in range(len(plan))]
+            for future in tqdm(as_completed(futures), total=len(futures), desc="log-mel shards", unit="shard",
+                               disable=not progress, leave=False):
+                built += future.result().status == "built"
+    else:
+        for k in tqdm(range(len(plan)), desc="log-mel shards", unit="shard", disable=not progress, leave=False):
+            built += build_shard(plan, k, progress=progress).status == "built"
+    report = finalize_store(plan)
+    log.info("feature store %s: %d shards (%d built now), clips %s, %d quarantined", out_dir, len(plan), built,
+             report.counts, report.quarantined)
+    if not report.counts.get("train"):
+        raise ValueError(f"no training clip could be decoded from {manifest} (see {QUARANTINE_FILE})")
+    assert report.norm_stats is not None
+    return report.norm_stats
+
+
+def _build_single_threaded(plan_json: str, k: int) -> ShardResult:
+    """Process-pool entry point: one shard with one torch thread (parallelism comes from running shards side by
+    side; intra-op threads would only fight over the same cores)."""
+    torch.set_num_threads(1)
+    return build_shard(ShardPlan.from_json(plan_json), k, progress=False)
+
+
+def _read_json(uri: str) -> dict[str, Any]:
+    return json.loads(io.read_bytes(uri))
 
 
 def load_norm_stats(feature_dir: str | Path) -> NormStats:
-    meta = json.loads((Path(feature_dir) / STATS_FILE).read_text())
+    """The store's normalisation statistics (computed once at ingestion, never at training start)."""
+    meta = _read_json(io.join(str(feature_dir), STATS_FILE))
+    if meta.get("norm_mean") is None:
+        raise ValueError(f"feature store {feature_dir} has no training split, hence no normalisation statistics")
     return NormStats(meta["norm_mean"], meta["norm_std"])
 
 
-class LogMelStore(Sequence):
-    """Read-only view of one split: ``store[i]`` is clip ``i``'s raw log-mel ``[n_mels, T]`` as float32."""
+def store_report(feature_dir: str | Path) -> StoreReport:
+    """Counts of a finished store (clips per split, quarantine by kind, flags) for logging."""
+    from m2d2.data.shards import _report
 
-    def __init__(self, feature_dir: str | Path, split: str):
-        feature_dir = Path(feature_dir)
-        index_path = feature_dir / f"{split}.index.parquet"
-        if not index_path.exists():
-            raise FileNotFoundError(f"no '{split}' split in feature store {feature_dir}")
-        index = pq.read_table(index_path).to_pydict()
-        self.split = split
-        self.clip_ids: list[str] = index["clip_id"]
-        self.sources: list[str] = index.get("source") or [""] * len(self.clip_ids)
-        self.labels: list[list[str]] = index["labels"]
-        self.captions: list[list[str]] = index["captions"]
-        self._offsets = np.asarray(index["offset"], dtype=np.int64)
-        self._frames = np.asarray(index["frames"], dtype=np.int64)
-        self._array = np.load(feature_dir / f"{split}.lms.npy", mmap_mode="r")
+    return _report(_read_json(io.join(str(feature_dir), STATS_FILE)))
+
+
+def _cache_dir(cache_dir: str | Path | None) -> Path:
+    return Path(cache_dir or os.environ.get("M2D2_CACHE_DIR") or Path.home() / ".cache" / "m2d2" / "shards")
+
+
+def _cached(root: Path, sha256: str, size: int) -> Path | None:
+    target = root / f"{sha256}.npy"
+    return target if target.is_file() and target.stat().st_size == size else None
+
+
+def fetch_shards(shards: Sequence[tuple[str, str, int]], cache_dir: str | Path | None = None,
+                 concurrency: int = 8) -> list[Path]:
+    """Local copies of shard objects ``(uri, sha256, bytes)`` in the cache, downloaded once per node.
+
+    Missing shards are fetched as ranged GETs of 16 MB, ``concurrency`` at a time across all of them (one stream
+    per object is far below what S3 serves), written in place, then verified against the store's sha256 before
+    they are renamed into the cache. Other processes on the node wait on a per-shard file lock and then find
+    the file there.
+    """
+    root = _cache_dir(cache_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    todo = sorted({(uri, sha, size) for uri, sha, size in shards if _cached(root, sha, size) is None},
+                  key=lambda item: item[1])
+    temps: dict[str, Path] = {}
+    with contextlib.ExitStack() as locks:
+        for _, sha, _ in todo:  # one global order: processes never wait on each other in a cycle
+            lock = locks.enter_context(open(root / f"{sha}.lock", "w"))  # closing it releases the flock
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        locks.callback(lambda: [path.unlink(missing_ok=True) for path in temps.values()])
+        todo = [item for item in todo if _cached(root, item[1], item[2]) is None]
+        for _, sha, size in todo:
+            temps[sha] = root / f".{sha}.{os.getpid()}.tmp"
+            with open(temps[sha], "wb") as handle:
+                handle.truncate(size)
+        ranges = [(uri, sha, start, min(start + _CHUNK, size)) for uri, sha, size in todo
+                  for start in range(0, size, _CHUNK)]
+
+        def get(task: tuple[str, str, int, int]) -> None:
+            uri, sha, start, end = task
+            fs, path = fsspec.core.url_to_fs(uri)
+            data = fs.cat_file(path, start=start, end=end)
+            if len(data) != end - start:
+                raise OSError(f"shard {uri} does not match the store's {COMPLETE_FILE}: got {len(data)} bytes for "
+                              f"range [{start}, {end}); the store changed while it was read")
+            fd = os.open(temps[sha], os.O_WRONLY)
+            try:
+                os.pwrite(fd, data, start)
+            finally:
+                os.close(fd)
+
+        with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+            list(pool.map(get, ranges))
+        for uri, sha, _ in todo:
+            digest = hashlib.sha256()
+            with open(temps[sha], "rb") as handle:
+                while chunk := handle.read(_CHUNK):
+                    digest.update(chunk)
+            if digest.hexdigest() != sha:
+                raise OSError(f"shard {uri} does not match the store's {COMPLETE_FILE} (sha256 {digest.hexdigest()},"
+                              f" expected {sha}): the store changed while it was read")
+            os.replace(temps[sha], root / f"{sha}.npy")
+    return [root / f"{sha}.npy" for _, sha, _ in shards]
+
+
+def fetch_shard(uri: str, sha256: str, size: int, cache_dir: str | Path | None = None) -> Path:
+    """Local copy of one shard object (see :func:`fetch_shards`)."""
+    return fetch_shards([(uri, sha256, size)], cache_dir, concurrency=4)[0]
+
+
+class _Column(Sequence):
+    """A list-like view of an Arrow column: values become Python objects only when read, so an index of
+    millions of captions is not millions of Python objects copied into every DataLoader worker."""
+
+    def __init__(self, array: pa.Array):
+        self._array = array
+        self._changed: dict[int, Any] = {}
 
     def __len__(self) -> int:
-        return len(self.clip_ids)
+        return len(self._array)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if i in self._changed:
+            return self._changed[i]
+        return self._array[i].as_py()
+
+    def __setitem__(self, i: int, value: Any) -> None:
+        self._changed[i + len(self) if i < 0 else i] = value
+
+    def __iter__(self) -> Iterator[Any]:
+        values = self._array.to_pylist()
+        for i, value in self._changed.items():
+            values[i] = value
+        return iter(values)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"_Column({len(self)} values)"
+
+
+class LogMelStore(Sequence):
+    """Read-only view of one split: ``store[i]`` is clip ``i``'s raw log-mel ``[n_mels, T]`` as float32.
+
+    ``feature_dir`` is a local directory or an ``s3://`` prefix; remote shards are fetched into ``cache_dir``
+    (see the module docstring), all of the split's shards up front when ``prefetch`` (the default: training
+    touches every shard in its first steps anyway), else on first use. The store pickles without its memory
+    maps, so DataLoader workers re-open them lazily.
+    """
+
+    def __init__(self, feature_dir: str | Path, split: str, cache_dir: str | Path | None = None,
+                 prefetch: bool = True, progress: bool = True):
+        self.uri = str(feature_dir)
+        self.split = split
+        self.remote = not io.is_local(self.uri)
+        self._cache_dir = cache_dir
+        try:
+            complete = _read_json(io.join(self.uri, COMPLETE_FILE))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.uri} is not a complete feature store (no {COMPLETE_FILE}); build it with "
+                                    "extract_features or plan_shards/build_shard/finalize_store") from None
+        try:
+            index = pq.read_table(_io.BytesIO(io.read_bytes(io.join(self.uri, f"{split}.index.parquet"))))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no '{split}' split in feature store {self.uri}") from None
+        self.n_mels = int(complete["n_mels"])
+        self._shards = {int(s["index"]): s for s in complete["shards"]}
+        self.clip_ids: Sequence[str] = _Column(index.column("clip_id").combine_chunks())
+        self.sources: Sequence[str] = _Column(index.column("source").combine_chunks())
+        self.labels: Sequence[list[str]] = _Column(index.column("labels").combine_chunks())
+        self.captions: Sequence[list[str]] = _Column(index.column("captions").combine_chunks())
+        self.flags: Sequence[list[str]] = _Column(index.column("flags").combine_chunks())
+        self._shard_of = index.column("shard").to_numpy().astype(np.int64)
+        self._offsets = index.column("offset").to_numpy().astype(np.int64)
+        self._frames = index.column("frames").to_numpy().astype(np.int64)
+        self._arrays: dict[int, np.ndarray] = {}
+        if self.remote and prefetch:
+            self.prefetch(progress=progress)
+
+    # ------------------------------------------------------------------------------------------------ shards
+    def shard_ids(self) -> list[int]:
+        return sorted({int(k) for k in np.unique(self._shard_of)})
+
+    def _remote(self, k: int) -> tuple[str, str, int]:
+        meta = self._shards[k]
+        return io.join(self.uri, *meta["file"].split("/")), meta["sha256"], int(meta["bytes"])
+
+    def _shard_path(self, k: int) -> Path:
+        if not self.remote:
+            return io.local_path(io.join(self.uri, *self._shards[k]["file"].split("/")))
+        return fetch_shard(*self._remote(k), self._cache_dir)
+
+    def prefetch(self, concurrency: int = 8, progress: bool = True) -> None:
+        """Fetch every shard of the split into the local cache (no-op for a local store)."""
+        if not self.remote:
+            return
+        shards = [self._remote(k) for k in self.shard_ids()]
+        if progress:
+            log.info("fetching %d shards (%.1f GB) of %s into the cache", len(shards),
+                     sum(s[2] for s in shards) / 2**30, self.uri)
+        fetch_shards(shards, self._cache_dir, concurrency)
+
+    def _array(self, k: int) -> np.ndarray:
+        array = self._arrays.get(k)
+        if array is None:
+            # copy-on-write map: writable views (torch wants them), nothing ever written back, pages shared
+            array = np.load(self._shard_path(k), mmap_mode="c")
+            if array.ndim != 2 or array.shape[1] != self.n_mels or array.dtype != np.float16:
+                raise ValueError(f"shard {k} of {self.uri} has shape {array.shape} {array.dtype}, expected "
+                                 f"[frames, {self.n_mels}] float16")
+            self._arrays[k] = array
+        return array
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_arrays"] = {}
+        return state
+
+    # ------------------------------------------------------------------------------------------------ reading
+    def __len__(self) -> int:
+        return len(self._frames)
 
     def frames(self, i: int) -> int:
         return int(self._frames[i])
 
-    def __getitem__(self, i: int) -> np.ndarray:
+    def _check(self, i: int) -> int:
         if not -len(self) <= i < len(self):
             raise IndexError(f"clip {i} out of range for {len(self)} clips")
-        start = int(self._offsets[i])
-        return np.asarray(self._array[:, start : start + int(self._frames[i])], dtype=np.float32)
+        return i + len(self) if i < 0 else i
 
-    def crop(self, i: int, start: int, frames: int) -> np.ndarray:
-        """``frames`` frames from ``start``; past the clip's end it is right-padded with 0 (raw log domain)."""
-        n = self.frames(i)
+    def crop_tensor(self, i: int, start: int, frames: int, pad_value: float = 0.0) -> torch.Tensor:
+        """``frames`` frames of clip ``i`` from ``start`` as a float32 ``[n_mels, frames]`` tensor; past the clip's
+        end it is right-padded with ``pad_value`` in the raw log domain (0, as the reference: see
+        :class:`m2d2.data.loader.CropDataset`). The float16 -> float32 conversion runs in torch (vectorised)."""
+        i = self._check(i)
+        n = int(self._frames[i])
         begin = int(self._offsets[i]) + start
         take = max(0, min(frames, n - start))
-        out = np.zeros((self._array.shape[0], frames), dtype=np.float32)
-        out[:, :take] = self._array[:, begin : begin + take]
+        src = torch.from_numpy(self._array(int(self._shard_of[i]))[begin : begin + take])  # [take, n_mels] f16
+        if take == frames:
+            return src.T.float()  # strided view of a fresh float32 buffer: no extra copy
+        out = torch.full((self.n_mels, frames), float(pad_value), dtype=torch.float32)
+        out[:, :take] = src.T
         return out
+
+    def crop(self, i: int, start: int, frames: int, pad_value: float = 0.0) -> np.ndarray:
+        """:meth:`crop_tensor` as a NumPy array."""
+        return self.crop_tensor(i, start, frames, pad_value).numpy()
+
+    def __getitem__(self, i: int) -> np.ndarray:  # type: ignore[override]
+        i = self._check(i)
+        return np.ascontiguousarray(self.crop(i, 0, int(self._frames[i])))
