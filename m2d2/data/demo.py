@@ -33,6 +33,7 @@ import soundfile as sf
 from numpy.typing import NDArray
 from tqdm import tqdm
 
+from m2d2.data.manifest import REQUIRED_SCHEMA
 from m2d2.io import atomic_write_bytes
 
 __all__ = [
@@ -66,20 +67,8 @@ MANIFEST_FILE = "manifest.parquet"
 CORPUS_FILE = "corpus.json"
 _EXTENSIONS = {"WAV": "wav", "FLAC": "flac"}
 
-DEMO_MANIFEST_SCHEMA = pa.schema(
-    [
-        ("clip_id", pa.string()),
-        ("source", pa.string()),
-        ("audio_uri", pa.string()),  # relative to the corpus directory
-        ("duration_s", pa.float64()),
-        ("sample_rate", pa.int32()),
-        ("channels", pa.int32()),
-        ("captions", pa.list_(pa.string())),
-        ("labels", pa.list_(pa.string())),
-        ("split", pa.string()),
-        ("content_hash", pa.string()),  # sha256 hex of the audio file bytes
-    ]
-)
+#: The demo writes the project's manifest schema (its required columns), like every source adapter.
+DEMO_MANIFEST_SCHEMA = REQUIRED_SCHEMA
 
 
 def zero_shot_prompt(label: str) -> str:
