@@ -30,7 +30,7 @@ demo: $(STAMP)
 	@echo
 	@$(VENV)/bin/m2d2 summary --data-root runs
 	@echo
-	@echo "Outputs: ./runs (corpus, features, caption vectors, stage1/stage2 checkpoints and exports)"
+	@echo "Outputs: ./runs (corpus, features, caption vectors, checkpoints and exports of stages 1, 1.1, 2, 2.1, evaluation report)"
 	@echo "Browse every run:  make mlflow-ui   (= $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db)"
 
 mlflow-ui: $(STAMP)
