@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import moto_s3
 
 from m2d2.train.checkpoint import COMPLETE, CheckpointManager
 
@@ -50,18 +51,8 @@ def test_local_round_trip_keep_last_and_incomplete_steps(tmp_path):
 
 @pytest.fixture(scope="module")
 def s3_bucket():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    import boto3
-
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
-                 region_name="us-east-1").create_bucket(Bucket="m2d2-ckpt")
-    yield endpoint
-    server.stop()
+    with moto_s3("m2d2-ckpt") as endpoint:
+        yield endpoint
 
 
 def test_s3_round_trip_against_a_real_s3_api(s3_bucket, monkeypatch):

@@ -28,14 +28,7 @@ from m2d2.eval.reports import attention_weights, build_report, projector_attenti
 from m2d2.eval.suite import evaluate_suite
 from m2d2.models import M2D2
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one intra-op thread avoids OpenMP spin-waits on a loaded 2-core machine (see test_inference)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ----------------------------------------------------------------------------------------------------- metrics

@@ -30,14 +30,7 @@ from m2d2.models import M2D2
 SR = 16000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: on a loaded 2-core machine, OpenMP workers spin-waiting for each other made a forward pass
-    ~65x slower than one thread (measured 0.94 s vs 0.014 s per clip). Restored for the other test modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 import torch
+from conftest import moto_s3
 
 from m2d2.audio import LogMelSpectrogram, load_audio
 from m2d2.data import shards as shards_module
@@ -221,26 +222,18 @@ def test_import_of_reference_style_npy_clips(tmp_path):
 # ----------------------------------------------------------------------------------------------------- s3://
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    import boto3
     import fsspec
-    from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
-                 region_name="us-east-1").create_bucket(Bucket="m2d2-data")
-    patch = pytest.MonkeyPatch()
-    for key, value in (("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"),
-                       ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_ENDPOINT_URL_S3", endpoint)):
-        patch.setenv(key, value)
-    fsspec.config.conf["s3"] = {"client_kwargs": {"endpoint_url": endpoint}}
-    fsspec.filesystem("s3").invalidate_cache()
-    yield fsspec.filesystem("s3", skip_instance_cache=True)
-    fsspec.config.conf.pop("s3", None)
-    patch.undo()
-    server.stop()
+    with moto_s3("m2d2-data") as endpoint:
+        patch = pytest.MonkeyPatch()
+        for key, value in (("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"),
+                           ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_ENDPOINT_URL_S3", endpoint)):
+            patch.setenv(key, value)
+        fsspec.config.conf["s3"] = {"client_kwargs": {"endpoint_url": endpoint}}
+        fsspec.filesystem("s3").invalidate_cache()
+        yield fsspec.filesystem("s3", skip_instance_cache=True)
+        fsspec.config.conf.pop("s3", None)
+        patch.undo()
 
 
 def test_s3_crash_mid_shard_then_rerun_loses_nothing(s3, corpus, local_store, tmp_path, monkeypatch):

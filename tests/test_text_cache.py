@@ -41,13 +41,7 @@ def captions(n: int = 120, seed: int = 0) -> list[str]:
     return out
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on 2 shared cores, two spinning OpenMP threads are up to 10x slower per batch."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # A deliberately batch-sensitive encoder: each vector carries a trace of its batch (mean and width), like padding
