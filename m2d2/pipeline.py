@@ -245,7 +245,8 @@ def evaluate_stages(
     _put(results, "stage1_baseline", mean_and_std(baselines))
     _put(results, "stage11", stage11_metrics or {})
     _put(results, "stage2", evaluate_clap(M2D2.from_pretrained(str(stage2_export)), data))
-    _put(results, "stage21", evaluate_clap(M2D2.from_pretrained(str(stage21_export)), data))
+    final = M2D2.from_pretrained(str(stage21_export))
+    _put(results, "stage21", evaluate_clap(final, data))
     # Stage-2 baselines differ only in the fresh projector: the frozen encoder and the untouched pretrained text
     # encoder are the same for every seed, so the text vectors are computed once and each seed re-draws the projector.
     fresh = M2D2.from_pretrained(str(stage11_export))
@@ -272,7 +273,7 @@ def evaluate_stages(
     if report_dir is not None:
         from m2d2.eval.suite import evaluate_suite
 
-        suite = evaluate_suite(M2D2.from_pretrained(str(stage21_export)), data, report_dir,
+        suite = evaluate_suite(final, data, report_dir,
                                title="M2D2 final model (stage 2.1)")
         _put(results, "final", {k: v for k, v in suite.metrics.items() if k.startswith(("probe_", "a2t_R50",
                                                                                         "t2a_R50", "zs_"))})

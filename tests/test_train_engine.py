@@ -16,7 +16,8 @@ from conftest import subprocess_env
 
 from m2d2.models import M2D2, M2D2Config
 from m2d2.train.config import TrainStageConfig, stage_preset
-from m2d2.train.engine import deepspeed_config, lr_at, parameter_groups
+from m2d2.train.engine import deepspeed_config, lr_at
+from m2d2.train.objectives import decay_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +35,7 @@ def test_lr_schedule_warmup_then_cosine():
 def test_parameter_groups_decay_only_matrices(tiny):
     model = M2D2(tiny)
     model.set_stage("stage1")
-    decay, no_decay = parameter_groups(model, 0.05)
+    decay, no_decay = decay_groups(model, 0.05)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
     assert any(p is model.logit_scale for p in no_decay["params"])

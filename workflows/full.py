@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-import pyarrow.parquet as pq
 from flytekit import Cache, FlyteContextManager, Resources, current_context, task, workflow
 from flytekit.extras.accelerators import GPUAccelerator
 from flytekit.types.directory import FlyteDirectory
@@ -192,17 +191,14 @@ def resolve_corpus(cfg: PipelineConfig) -> str:
 @cpu_task("corpus", cache=Cache(version="corpus-2"))
 def make_corpus(cfg: PipelineConfig, workspace: str, source: str) -> Corpus:
     """The resolved ``source`` corpus as it is, or (no source) the generated demo corpus."""
-    import io as _io
-
     from m2d2 import io
+    from m2d2.data.manifest import read_manifest
     from m2d2.pipeline import build_corpus, rooted
 
-    if source:
-        manifest = pq.read_table(_io.BytesIO(io.read_bytes(io.join(source, "manifest.parquet"))))
-        audio = _out(source) if io.is_local(source) else FlyteDirectory(source)
-        return Corpus(audio=audio, manifest=StructuredDataset(dataframe=manifest))
-    out = build_corpus(rooted(cfg, workspace))
-    return Corpus(audio=_out(out), manifest=StructuredDataset(dataframe=pq.read_table(out / "manifest.parquet")))
+    corpus_dir = source or str(build_corpus(rooted(cfg, workspace)))
+    manifest = read_manifest(io.join(corpus_dir, "manifest.parquet"))
+    audio = _out(corpus_dir) if io.is_local(corpus_dir) else FlyteDirectory(corpus_dir)
+    return Corpus(audio=audio, manifest=StructuredDataset(dataframe=manifest))
 
 
 @cpu_task("features", cache=Cache(version="features-3", ignored_inputs=TRACKING))
@@ -271,12 +267,11 @@ def _stage_result(output) -> StageResult:
 def _run_stage(name: str, cfg: PipelineConfig, workspace: str, features: Artifact, input_dir: str,
                parent_run_id: str) -> StageResult:
     """Run training stage ``name`` on the feature store and its input (captions or the previous export)."""
-    from m2d2.pipeline import rooted, step_dir
-    from m2d2.train import stages
+    from m2d2.pipeline import STAGE_FIELDS, rooted, step_dir
+    from m2d2.train.stages import STAGE_RUNNERS
 
-    stage_cfg = {"stage1": cfg.stage1, "stage1.1": cfg.stage11, "stage2": cfg.stage2, "stage2.1": cfg.stage21}[name]
-    run = {"stage1": stages.run_stage1, "stage1.1": stages.run_stage11, "stage2": stages.run_stage2,
-           "stage2.1": stages.run_stage21}[name]
+    stage_cfg = getattr(cfg, next(f for f, stage in STAGE_FIELDS.items() if stage == name))
+    run = STAGE_RUNNERS[name]
     feature_dir = _local(features.path)
     out = step_dir(rooted(cfg, workspace), name, stage_cfg, feature_dir, input_dir)
     return _stage_result(_train(run, stage_cfg, feature_dir, input_dir, str(out), parent_run_id or None,

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from m2d2.data.loader import ShuffledOrder, collate
 from m2d2.train.checkpoint import CheckpointManager
 from m2d2.train.config import TrainStageConfig
-from m2d2.train.objectives import EXPORT_DIR, Objective, decay_groups
+from m2d2.train.objectives import EXPORT_DIR, Objective
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +80,6 @@ def device_for_rank() -> torch.device:
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
-
-
-parameter_groups = decay_groups  # the name the engine's tests and callers know
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, floor: float) -> float:

@@ -159,6 +159,10 @@ def run_stage21(cfg: TrainStageConfig, feature_dir: str, stage2_export: str, out
                      inputs={"features": feature_dir, "stage2": stage2_export})
 
 
+#: The entry point of each stage, by stage name.
+STAGE_RUNNERS = {"stage1": run_stage1, "stage1.1": run_stage11, "stage2": run_stage2, "stage2.1": run_stage21}
+
+
 def _run_clap(cfg: TrainStageConfig, model: M2D2, feature_dir: str, out_dir: str, parent_run_id: str | None,
               checkpoint_root: str | None, inputs: dict[str, str]) -> StageOutput:
     store = LogMelStore(feature_dir, "train")

@@ -5,12 +5,12 @@ import logging
 import sys
 
 from m2d2.train.config import stage_preset
-from m2d2.train.stages import run_stage1, run_stage2, run_stage11, run_stage21
+from m2d2.train.stages import STAGE_RUNNERS
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
     stage, features, inputs, out_dir, overrides = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
     cfg = stage_preset(stage, "smoke").replace(**json.loads(overrides))
-    run = {"stage1": run_stage1, "stage1.1": run_stage11, "stage2": run_stage2, "stage2.1": run_stage21}[stage]
+    run = STAGE_RUNNERS[stage]
     result = run(cfg, features, inputs, out_dir)
     print("RESULT " + json.dumps({"steps": result.steps, "export": result.export_dir}))
