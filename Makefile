@@ -6,7 +6,7 @@ STAMP := $(VENV)/.m2d2-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test lint demo mlflow-ui constraints clean
+.PHONY: install test lint demo mlflow-ui constraints clean device-wheels
 
 # (Re)install when the dependency spec or the pins change. pip, not uv/poetry: only pip sees the
 # machine's local torch wheels (see README "Installation").
@@ -40,6 +40,22 @@ mlflow-ui: $(STAMP)
 constraints: $(STAMP)
 	{ sed -n '1,2p' constraints/cpu.txt; $(PY) -m pip freeze --exclude-editable | grep -vi '^m2d2'; } > constraints/cpu.txt.new
 	mv constraints/cpu.txt.new constraints/cpu.txt
+
+# Wheels a lent GPU machine (Python 3.12 image with torch, timm, transformers, pyarrow; no network) lacks for
+# benchmarks/stage1_throughput.py, at this project's pinned versions, into .whl/ (git-ignored). DeepSpeed has no
+# wheel on PyPI: its sdist builds a pure-Python one (DS_BUILD_OPS=0). See benchmarks/RESULTS.md for the call.
+DEVICE_WHEELS := hjson pydantic pydantic_core annotated-types typing-inspection typing_extensions soundfile cffi pycparser
+device-wheels: $(STAMP)
+	mkdir -p .whl
+	DS_BUILD_OPS=0 $(PY) -m pip wheel --quiet --no-deps --no-build-isolation -w .whl \
+	  "deepspeed==$$(sed -n 's/^deepspeed==//p' constraints/cpu.txt)"
+	for name in $(DEVICE_WHEELS); do \
+	  version=$$(grep -i "^$$name==" constraints/cpu.txt | cut -d= -f3); \
+	  $(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	    --platform any -d .whl "$$name==$$version" || exit 1; \
+	done
+	ls -l .whl
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

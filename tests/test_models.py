@@ -222,7 +222,7 @@ def test_logit_scale_init_and_clamp(tiny):
     assert model.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
     with torch.no_grad():
         model.logit_scale.fill_(7.0)
-    assert model.after_optimizer_step(0, 10)["logit_scale"] == pytest.approx(100.0, rel=1e-5)
+    assert float(model.after_optimizer_step(0, 10)["logit_scale"]) == pytest.approx(100.0, rel=1e-5)
     with torch.no_grad():
         model.logit_scale.fill_(-1.0)
     model.clamp_logit_scale()

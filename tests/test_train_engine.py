@@ -180,3 +180,65 @@ def test_consecutive_non_finite_losses_abort_clearly(tmp_path, smoke_data):
 
     with pytest.raises(TrainingDivergedError, match="3 consecutive non-finite"):
         _nan_run(tmp_path, smoke_data, poisoned=set(range(20)), max_nonfinite=3)
+
+
+def test_bf16_training_keeps_the_ema_target_fp32_and_lets_deepspeed_skip_non_finite_steps():
+    """DeepSpeed's bf16 mode casts every parameter; the EMA target must stay fp32 (a bf16 target never moves) and a
+    non-finite gradient is skipped by DeepSpeed's optimiser wrapper without a loss check of ours."""
+    from m2d2.train.engine import Trainer
+    from m2d2.train.objectives import ClapObjective
+
+    torch.manual_seed(0)
+    model_cfg = M2D2Config.preset("smoke")
+    model_cfg.m2d.ema_decay_start, model_cfg.m2d.ema_decay_end = 0.99995, 0.99999  # the paper's
+    model = M2D2(model_cfg)
+    model.set_stage("stage1")
+    cfg = stage_preset("stage1", "smoke").replace(global_batch=4, precision="bf16")
+    trainer = Trainer(cfg, ClapObjective(model), total_steps=4, warmup_steps=0)
+    assert not trainer.check_loss  # DeepSpeed's low-precision wrapper checks the gradients itself
+    assert model.encoder.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in model.target.parameters())
+    gen = torch.Generator().manual_seed(0)
+    lms = torch.randn(4, 80, 64, generator=gen) * 3 - 5
+    text = torch.randn(4, model.config.text.offline.dim, generator=gen)
+
+    before = [p.detach().clone() for p in model.target.parameters()]
+    out = trainer.step(0, lms, text)
+    assert out is not None and torch.isfinite(out["loss"]) and out["logit_scale"].device == model.logit_scale.device
+    online = [p.detach() for p in [*model.encoder.blocks.parameters(), *model.encoder.norm.parameters()]]
+    weight = 1.0 - out["ema_decay"]
+    moved = moved_in_bf16 = matrix_elements = 0
+    for old, new, src in zip(before, model.target.parameters(), online, strict=True):
+        torch.testing.assert_close(new, torch.lerp(old, src.float(), weight), atol=1e-9, rtol=0)
+        if old.ndim >= 2:
+            matrix_elements += old.numel()
+            moved += int((new != old).sum())
+            # the same update applied to a bf16 target
+            moved_in_bf16 += int((torch.lerp(old.bfloat16(), src, weight) != old.bfloat16()).sum())
+    assert moved > 0.9 * matrix_elements
+    assert moved_in_bf16 < 0.01 * matrix_elements
+
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    poisoned = lms.clone()
+    poisoned[0, 0, 0] = float("nan")
+    assert trainer.step(1, poisoned, text) is None and not trainer.engine.was_step_applied()
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+    assert trainer.step(2, lms, text) is not None  # and training goes on
+
+
+def test_regional_compile_policy_and_state_dict_keys():
+    """Each transformer block compiles on its own (lazily); keys stay those of the reference layout. The compiled
+    step itself is measured against eager by ``benchmarks/stage1_throughput.py --compile on`` (minutes on CPU)."""
+    from m2d2.train.engine import compile_blocks, use_compile
+
+    cfg = stage_preset("stage1", "smoke")
+    assert use_compile(cfg, torch.device("cuda")) and not use_compile(cfg, torch.device("cpu"))
+    assert use_compile(cfg.replace(compile="on"), torch.device("cpu"))
+    assert not use_compile(cfg.replace(compile="off"), torch.device("cuda"))
+    with pytest.raises(ValueError, match="compile="):
+        use_compile(cfg.replace(compile="yes"), torch.device("cpu"))
+    model = M2D2(M2D2Config.preset("smoke"))
+    keys = list(model.state_dict())
+    c = model.config
+    assert compile_blocks(model) == c.encoder.depth * 2 + c.predictor.depth + c.projector.depth
+    assert list(model.state_dict()) == keys

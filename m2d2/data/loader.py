@@ -221,8 +221,10 @@ class CropLoader:
 
     def __init__(self, dataset: torch.utils.data.Dataset, global_batch: int, order: EpochOrder | None = None,
                  rank: int = 0, world: int = 1, num_workers: int = 0, seed: int = 0,
-                 collate_fn: Callable[[list[Any]], Any] | None = None, pin_memory: bool = False):
+                 collate_fn: Callable[[list[Any]], Any] | None = None, pin_memory: bool = False,
+                 prefetch_factor: int = 2):
         self.dataset = dataset
+        self.prefetch_factor = prefetch_factor
         self.order = order or ShuffledOrder(len(dataset), seed)
         self.global_batch, self.rank, self.world = global_batch, rank, world
         self.num_workers, self.seed, self.pin_memory = num_workers, seed, pin_memory
@@ -254,7 +256,8 @@ class CropLoader:
         batches = rank_batches(self.order, self.epoch, self.global_batch, self.rank, self.world, self.batch)
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=batches, collate_fn=self.collate_fn, num_workers=self.num_workers,
-            pin_memory=self.pin_memory, generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch))
+            pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor if self.num_workers else None,
+            generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch))
         for item in loader:
             self.batch += 1
             yield item

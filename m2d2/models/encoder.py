@@ -87,10 +87,11 @@ class AudioEncoder(nn.Module):
             raise ValueError(f"log-mel of {lms.shape[-1]} frames: the encoder takes {self.patch_frames} to "
                              f"{self.chunk_frames}")
         x = self.patch_embed(lms[:, None, :, : t * self.patch_frames])
-        return x + truncate_time(self.pos_embed[:, 1:], self.grid[0], self.grid[1], t)
+        # Positions in the activations' dtype: a trainer may keep buffers fp32 while parameters are bf16.
+        return x + truncate_time(self.pos_embed[:, 1:], self.grid[0], self.grid[1], t).to(x.dtype)
 
     def cls(self, batch: int) -> torch.Tensor:
-        return (self.cls_token + self.pos_embed[:, :1]).expand(batch, -1, -1)
+        return (self.cls_token + self.pos_embed[:, :1].to(self.cls_token.dtype)).expand(batch, -1, -1)
 
     def forward_tokens(self, tokens: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
         """Transformer over CLS + the kept tokens; returns ``[B, 1 + N_keep, D]`` after the final norm."""

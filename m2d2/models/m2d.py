@@ -42,7 +42,7 @@ class Predictor(nn.Module):
         patches = _gather_tokens(patches, mask.ids_restore)
         t = patches.shape[1] // self.grid[0]
         pos = torch.cat([self.pos_embed[:, :1], truncate_time(self.pos_embed[:, 1:], *self.grid, t)], dim=1)
-        x = torch.cat([x[:, :1], patches], dim=1) + pos
+        x = torch.cat([x[:, :1], patches], dim=1) + pos.to(x.dtype)
         for block in self.blocks:
             x = block(x)
         x = self.pred(self.norm(x))
@@ -64,17 +64,25 @@ class TargetEncoder(nn.Module):
         self.requires_grad_(False)
 
     def forward(self, tokens_with_cls: torch.Tensor) -> torch.Tensor:
+        """Computes in the input's dtype; an fp32 target under bf16 training runs under autocast."""
         x = tokens_with_cls
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
+        weight_dtype = self.norm.weight.dtype
+        with torch.autocast(x.device.type, dtype=x.dtype, enabled=x.dtype != weight_dtype):
+            for block in self.blocks:
+                x = block(x)
+            return self.norm(x)
 
     @torch.no_grad()
     def ema_update(self, online_blocks: nn.ModuleList, online_norm: nn.LayerNorm, decay: float) -> None:
-        """``theta_t <- decay * theta_t + (1 - decay) * theta_o`` over parameters (the blocks hold no buffers)."""
+        """``theta_t <- decay * theta_t + (1 - decay) * theta_o`` over parameters (the blocks hold no buffers).
+
+        Keep the target in fp32 (:meth:`M2D2.keep_ema_target_fp32`): with ``1 - decay`` of 5e-5 to 1e-5 the update
+        is far below bf16's resolution (2^-8 relative), so a bf16 target would never move.
+        """
         online = [*online_blocks.parameters(), *online_norm.parameters()]
         target = [*self.blocks.parameters(), *self.norm.parameters()]
-        torch._foreach_lerp_(target, [p.detach().to(t.dtype) for p, t in zip(online, target, strict=True)], 1.0 - decay)
+        online = [p.detach().to(t.dtype) for p, t in zip(online, target, strict=True)]  # no copy when dtypes agree
+        torch._foreach_lerp_(target, online, 1.0 - decay)
 
 
 def ema_decay(step: int, total_steps: int, start: float, end: float) -> float:

@@ -209,16 +209,25 @@ class M2D2(nn.Module):
         return {"loss": loss, "loss_m2d": parts["loss_m2d"].detach(), "loss_clap": loss_clap.detach()}
 
     @torch.no_grad()
-    def after_optimizer_step(self, step: int, total_steps: int) -> dict[str, float]:
-        """Call after every optimiser step: EMA update of the target (stage 1), then the logit-scale clamp."""
-        out = {}
+    def after_optimizer_step(self, step: int, total_steps: int) -> dict[str, float | torch.Tensor]:
+        """Call after every optimiser step: EMA update of the target (stage 1), then the logit-scale clamp.
+
+        ``logit_scale`` comes back as a device tensor: reading it every step would be a host sync.
+        """
+        out: dict[str, float | torch.Tensor] = {}
         if self.stage == "stage1" and self.target is not None:
             decay = ema_decay(step, total_steps, self.config.m2d.ema_decay_start, self.config.m2d.ema_decay_end)
             self.target.ema_update(self.encoder.blocks, self.encoder.norm, decay)
             out["ema_decay"] = decay
         self.clamp_logit_scale()
-        out["logit_scale"] = float(self.logit_scale.exp())
+        out["logit_scale"] = self.logit_scale.detach().exp().squeeze()
         return out
+
+    def keep_ema_target_fp32(self) -> None:
+        """Put the EMA target back in fp32 after a trainer cast the model to bf16 (DeepSpeed's bf16 mode casts every
+        parameter). Its forward then runs under autocast; see :meth:`TargetEncoder.ema_update` for why."""
+        if self.target is not None:
+            self.target.float()
 
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:

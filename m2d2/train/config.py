@@ -49,7 +49,9 @@ class TrainStageConfig:
     samples_per_epoch: int = 0  # 0 = every clip once per epoch
     seed: int = 0
     log_every: int = 10
-    num_workers: int = 0
+    num_workers: int = 0  # loader processes per rank (crops are cut and collated there)
+    prefetch_factor: int = 4  # batches each worker keeps ready (with num_workers > 0); pinned on GPU
+    compile: str = "auto"  # torch.compile of each transformer block: auto (GPU only) | on | off
     checkpoint_every: int = 0  # steps between resumable checkpoints; 0 = only the final one
     keep_checkpoints: int = 3
     max_nonfinite: int = 10  # consecutive NaN/inf losses (each step skipped) before aborting
@@ -87,14 +89,16 @@ def stage_preset(stage: str, name: str) -> TrainStageConfig:
 
 def _stage1_paper() -> TrainStageConfig:
     # Paper section IV-A / fact sheet 4.2: 300 epochs, 20 warm-up, batch 2048 (4 GPUs x 512), blr 3e-4.
+    # 8 loader workers per rank: the task requests 10 CPUs per GPU, and one core cuts ~7 k crops/s from a warm
+    # local store (benchmarks/bench_loader.py) against the ~3-5 k samples/s a GPU steps (stage1_throughput.py).
     return TrainStageConfig(stage="stage1", model_preset="paper", epochs=300, warmup_epochs=20, global_batch=2048,
-                            base_lr=3e-4, nproc_per_node=4)
+                            base_lr=3e-4, nproc_per_node=4, num_workers=8)
 
 
 def _stage2_paper() -> TrainStageConfig:
     # Stage 2: 30 epochs, 5 warm-up, batch 2048, blr 3e-6, 10-s crops (1001 frames, after stage 1.1's 608->1001).
     return TrainStageConfig(stage="stage2", model_preset="paper", epochs=30, warmup_epochs=5, global_batch=2048,
-                            base_lr=3e-6, crop_frames=1001, nproc_per_node=4)
+                            base_lr=3e-6, crop_frames=1001, nproc_per_node=4, num_workers=8)
 
 
 def _stage1_demo() -> TrainStageConfig:
@@ -120,7 +124,7 @@ def _stage11_paper() -> TrainStageConfig:
     return TrainStageConfig(stage="stage1.1", model_preset="paper", epochs=70, warmup_epochs=15, global_batch=64,
                             base_lr=2.0 * 256 / 64, min_lr=1e-7, optimizer="lars", weight_decay=0.0, momentum=0.9,
                             grad_clip=0.0, crop_frames=1001, mixup_alpha=0.5, freq_mask=30, time_mask=192,
-                            patch_out=0.5, balanced_sampling=True, samples_per_epoch=200_000)
+                            patch_out=0.5, balanced_sampling=True, samples_per_epoch=200_000, num_workers=8)
 
 
 def _stage21_paper() -> TrainStageConfig:

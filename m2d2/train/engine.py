@@ -16,12 +16,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-from m2d2.data.loader import ShuffledOrder, collate
+from m2d2.data.loader import CropLoader, EpochOrder, ShuffledOrder
 from m2d2.train.checkpoint import CheckpointManager
 from m2d2.train.config import TrainStageConfig
 from m2d2.train.objectives import EXPORT_DIR, Objective
@@ -154,6 +155,86 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def use_compile(cfg: TrainStageConfig, device: torch.device) -> bool:
+    """``compile``: ``auto`` compiles on GPU only (on CPU, inductor's C++ build costs more than it saves)."""
+    if cfg.compile not in ("auto", "on", "off"):
+        raise ValueError(f"compile={cfg.compile!r}: choose 'auto', 'on' or 'off'")
+    return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+
+
+def compile_blocks(module: nn.Module) -> int:
+    """Compile every transformer block on its own (torchtitan's regional compilation); returns how many.
+
+    Blocks are where the time goes and they fuse well (LayerNorm, GELU, residual adds, bias); compiling them one
+    by one keeps the model's Python (masking, gathers, the loss) eager, compiles in seconds instead of minutes, and
+    leaves state-dict keys unchanged. Instances of one class share a compiled graph per input shape.
+    """
+    from timm.models.vision_transformer import Block
+
+    blocks = [m for m in module.modules() if isinstance(m, Block)]
+    for block in blocks:
+        block.compile()
+    return len(blocks)
+
+
+def skips_nonfinite_steps(optimizer) -> bool:
+    """Whether DeepSpeed's optimiser wrapper checks the gradients for inf/NaN and skips such a step by itself (its
+    low-precision wrappers do, with one host sync); then the loss need not be checked too (a second sync).
+    ZeRO's wrapper checks only in some configurations, and a plain torch optimiser never does."""
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    return isinstance(optimizer, (BF16_Optimizer, FP16_Optimizer, FP16_UnfusedOptimizer))
+
+
+class Trainer:
+    """DeepSpeed around an objective's module on this rank's device: what one optimiser step is.
+
+    The training loop (:func:`train`) and the throughput benchmark (``benchmarks/stage1_throughput.py``) both step
+    through :meth:`step`, so the benchmark measures the engine as configured.
+    """
+
+    def __init__(self, cfg: TrainStageConfig, objective: Objective, total_steps: int, warmup_steps: int):
+        import deepspeed
+
+        self.cfg, self.objective = cfg, objective
+        self.total_steps, self.warmup_steps = total_steps, warmup_steps
+        self.rank, self.world = init_distributed(cfg.timeout_minutes)
+        self.device = device_for_rank()
+        if cfg.global_batch % self.world or (cfg.global_batch // self.world) % cfg.accum_steps:
+            raise ValueError(f"global batch {cfg.global_batch} must split into {self.world} ranks x "
+                             f"{cfg.accum_steps} equal micro-batches")
+        if cfg.zero_stage not in (0, 1, 2):
+            raise ValueError(f"zero_stage {cfg.zero_stage} is not supported (0, 1 or 2: stage 3 shards the weights, "
+                             "which the checkpoints and exports here assume whole)")
+        self.local_batch = cfg.global_batch // self.world
+        self.model = objective.module.to(self.device)
+        self.compiled_blocks = compile_blocks(self.model) if use_compile(cfg, self.device) else 0
+        optimizer = objective.build_optimizer(cfg, self.device)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, config=deepspeed_config(cfg, self.world, self.device))
+        objective.on_engine_ready(self.engine)
+        self.check_loss = not skips_nonfinite_steps(self.optimizer)
+        self.engine.train()
+
+    def step(self, step: int, lms: torch.Tensor, target: Any) -> dict[str, Any] | None:
+        """Optimiser step number ``step`` on this rank's batch; its outputs (device tensors, so nothing waits for
+        the device) and hook values, or None when the step was skipped for a non-finite loss or gradient."""
+        lr = lr_at(step, self.total_steps, self.warmup_steps, self.cfg.lr, self.cfg.min_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        lms = lms.to(self.device, non_blocking=True)
+        if isinstance(target, torch.Tensor):
+            target = target.to(self.device, non_blocking=True)
+        gen = step_generator(self.cfg.seed, step, self.rank, self.device)
+        out = self.objective.train_step(self.engine, (lms, target), gen, self.cfg.accum_steps,
+                                        check_finite=self.check_loss)
+        if out is None or not self.engine.was_step_applied():
+            return None
+        return {**out, **self.objective.after_step(step, self.total_steps), "lr": lr}
+
+
 def train(
     cfg: TrainStageConfig,
     objective: Objective,
@@ -178,36 +259,19 @@ def train(
         raise RecoverableTrainingError(f"{cfg.stage}: {type(exc).__name__}: {exc}") from exc
 
 
-class EpochOrder(Protocol):
-    def __len__(self) -> int: ...
-
-    def indices(self, epoch: int) -> list[int]: ...
-
-
 def _train(cfg: TrainStageConfig, objective: Objective, dataset, out_dir: Path, run, checkpoint_root: str | None,
            order: EpochOrder | None) -> TrainResult:
-    import deepspeed
     from tqdm import tqdm
 
     rank, world = init_distributed(cfg.timeout_minutes)
-    device = device_for_rank()
-    local_batch = cfg.global_batch // world
-    if cfg.global_batch % world or local_batch % cfg.accum_steps:
-        raise ValueError(f"global batch {cfg.global_batch} must split into {world} ranks x {cfg.accum_steps} "
-                         "equal micro-batches")
-    if cfg.zero_stage not in (0, 1, 2):
-        raise ValueError(f"zero_stage {cfg.zero_stage} is not supported (0, 1 or 2: stage 3 shards the weights, "
-                         "which the checkpoints and exports here assume whole)")
-    order = order or ShuffledOrder(len(dataset), cfg.seed)
-    steps_per_epoch = len(order) // cfg.global_batch
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(order)} training clips per epoch cannot fill one global batch of {cfg.global_batch}")
+    loader = CropLoader(dataset, cfg.global_batch, order or ShuffledOrder(len(dataset), cfg.seed), rank, world,
+                        num_workers=cfg.num_workers, seed=cfg.seed, pin_memory=torch.cuda.is_available(),
+                        prefetch_factor=cfg.prefetch_factor)
+    steps_per_epoch = loader.steps_per_epoch
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-    model = objective.module.to(device)
-    optimizer = objective.build_optimizer(cfg, device)
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                   config=deepspeed_config(cfg, world, device))
+    trainer = Trainer(cfg, objective, total, warmup)
+    model, optimizer, engine, device = trainer.model, trainer.optimizer, trainer.engine, trainer.device
     manager = CheckpointManager(checkpoint_root or str(out_dir / CHECKPOINT_DIR), keep_last=cfg.keep_checkpoints,
                                 safe_globals=optimizer_safe_globals())
     state = TrainState()
@@ -221,15 +285,17 @@ def _train(cfg: TrainStageConfig, objective: Objective, dataset, out_dir: Path, 
     if run is not None:
         run.log_params({"train": asdict(cfg), "derived": {"lr": cfg.lr, "total_steps": total, "world_size": world,
                                                           "steps_per_epoch": steps_per_epoch, "warmup_steps": warmup,
-                                                          "micro_batch": local_batch // cfg.accum_steps,
-                                                          "clips_per_epoch": len(order)}})
+                                                          "micro_batch": trainer.local_batch // cfg.accum_steps,
+                                                          "clips_per_epoch": len(loader.order),
+                                                          "compiled_blocks": trainer.compiled_blocks}})
         if state.step:
             run.set_tags({"m2d2.resumed_from_step": state.step})
     requested = cfg.nnodes * cfg.nproc_per_node
     if requested != world:
         log.warning("%s: the config asks for %d x %d processes but %d are running; the global batch (%d) and the "
                     "schedule are unchanged", cfg.stage, cfg.nnodes, cfg.nproc_per_node, world, cfg.global_batch)
-    log.info("%s: %d steps (%d per epoch), world %d, lr %.3g", cfg.stage, total, steps_per_epoch, world, cfg.lr)
+    log.info("%s: %d steps (%d per epoch), world %d, lr %.3g, %d blocks compiled", cfg.stage, total, steps_per_epoch,
+             world, cfg.lr, trainer.compiled_blocks)
 
     def save(step: int) -> None:
         meta = {"train_state": asdict(state), "train_config": asdict(cfg)}
@@ -240,51 +306,34 @@ def _train(cfg: TrainStageConfig, objective: Objective, dataset, out_dir: Path, 
 
     # Fault injection for resume tests and drills: the process dies right after finishing this step.
     fault_at = int(os.environ["M2D2_FAULT_AT_STEP"]) if os.environ.get("M2D2_FAULT_AT_STEP") else None
-    engine.train()
     progress = tqdm(total=total, initial=state.step, desc=cfg.stage, unit="step", disable=rank != 0, leave=False)
     last: dict[str, float] = {}
     window_start, window_samples = time.perf_counter(), 0
+    loader.load_state_dict(dict(zip(("epoch", "batch"), divmod(state.step, steps_per_epoch), strict=True)))
     while state.step < total:
-        epoch, first_batch = divmod(state.step, steps_per_epoch)
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)
-        mine = order.indices(epoch)[rank : steps_per_epoch * cfg.global_batch : world]
-        batches = [mine[b * local_batch:(b + 1) * local_batch] for b in range(first_batch, steps_per_epoch)]
-        # Its own generator: a DataLoader otherwise draws its worker seed from the global RNG, which would make
-        # a resumed run's dropout masks (stage 2's text encoder) differ from an uninterrupted run's.
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
-                                             num_workers=cfg.num_workers,
-                                             generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
-        for lms, target in loader:
+        for lms, target in loader:  # one epoch from the loader's position; the next pass starts the next epoch
             if state.step >= total:
                 break
-            lr = lr_at(state.step, total, warmup, cfg.lr, cfg.min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            lms = lms.to(device, non_blocking=True)
-            if isinstance(target, torch.Tensor):
-                target = target.to(device, non_blocking=True)
-            gen = step_generator(cfg.seed, state.step, rank, device)
-            out = objective.train_step(engine, (lms, target), gen, cfg.accum_steps)
+            epoch = state.step // steps_per_epoch
+            out = trainer.step(state.step, lms, target)
             if out is None:
                 state.skipped_steps += 1
                 state.consecutive_nonfinite += 1
-                log.warning("%s: non-finite loss at step %d, step skipped (%d in a row)", cfg.stage, state.step,
-                            state.consecutive_nonfinite)
+                log.warning("%s: non-finite loss or gradient at step %d, step skipped (%d in a row)", cfg.stage,
+                            state.step, state.consecutive_nonfinite)
                 if state.consecutive_nonfinite >= cfg.max_nonfinite:
                     raise TrainingDivergedError(f"{cfg.stage}: {state.consecutive_nonfinite} consecutive non-finite "
                                                 f"losses up to step {state.step}; lower the lr or check the data")
             else:
                 state.consecutive_nonfinite = 0
-            hooks = objective.after_step(state.step, total) if out is not None else {}
             state.step += 1
             window_samples += cfg.global_batch
             progress.update(1)
             if out is not None and (state.step % cfg.log_every == 0 or state.step == total):
+                # The only place step outputs are read back from the device.
                 elapsed = time.perf_counter() - window_start
-                last = {k: float(v.detach()) for k, v in out.items()}
-                last.update(hooks)
-                last.update({"lr": lr, "epoch": epoch, "samples_per_s": window_samples / max(elapsed, 1e-9),
+                last = {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in out.items()}
+                last.update({"epoch": epoch, "samples_per_s": window_samples / max(elapsed, 1e-9),
                              "skipped_steps": state.skipped_steps, "memory_mb": _memory_mb(device)})
                 grad_norm = engine.get_global_grad_norm()
                 if grad_norm is not None:

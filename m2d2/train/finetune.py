@@ -223,7 +223,8 @@ class ClassifierHead(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.norm(features))
+        # BatchNorm statistics in fp32 whatever the training dtype (a trainer may cast the Linear to bf16).
+        return self.linear(self.norm(features.float()).to(self.linear.weight.dtype))
 
 
 class FineTuneModel(nn.Module):
@@ -287,7 +288,7 @@ class FineTuneModel(nn.Module):
         if augment and patch_out > 0:
             grid = (self.encoder.grid[0], frames // self.encoder.patch_frames)
             ids_keep = random_structured_mask(x.shape[0], grid, patch_out, generator, device=x.device).ids_keep
-        tokens = self.encoder(x, ids_keep)
+        tokens = self.encoder(x.to(self.encoder.patch_embed.proj.weight.dtype), ids_keep)
         return tokens[:, 1:].mean(dim=1)
 
     def forward(

@@ -38,8 +38,16 @@ class Objective(Protocol):
 
     def build_optimizer(self, cfg: TrainStageConfig, device: torch.device) -> torch.optim.Optimizer: ...
 
-    def train_step(self, engine, batch: Batch, generator: torch.Generator, accum: int) -> StepOutput | None:
-        """One optimiser step (``accum`` micro-batches); None, with nothing stepped, when the loss is not finite."""
+    def train_step(self, engine, batch: Batch, generator: torch.Generator, accum: int,
+                   check_finite: bool = True) -> StepOutput | None:
+        """One optimiser step (``accum`` micro-batches); None, with nothing stepped, when the loss is not finite.
+
+        ``check_finite=False`` when the engine's optimiser skips non-finite gradients itself (DeepSpeed's bf16
+        optimiser): the loss check is a host sync, and the engine then reads the skip from ``was_step_applied``.
+        """
+
+    def on_engine_ready(self, engine) -> None:
+        """Called once after ``deepspeed.initialize`` (which casts every parameter to the training dtype)."""
 
     def after_step(self, step: int, total_steps: int) -> dict[str, float]: ...
 
@@ -47,8 +55,11 @@ class Objective(Protocol):
         """Write the stage's deliverable under ``out_dir`` (rank 0 only); returns the model export's path."""
 
 
-def all_finite(loss: torch.Tensor) -> bool:
-    """Agree across ranks, so that every rank skips (or takes) the same steps."""
+def all_finite(loss: torch.Tensor, check: bool = True) -> bool:
+    """Agree across ranks, so that every rank skips (or takes) the same steps. A host sync: ``check=False``
+    answers True without one (the optimiser then decides)."""
+    if not check:
+        return True
     flag = torch.tensor([1.0 if bool(torch.isfinite(loss.detach()).all()) else 0.0], device=loss.device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
@@ -94,7 +105,8 @@ def _micro_batches(lms: torch.Tensor, text, mask: PatchMask, accum: int):
         yield lms[part], text[part], PatchMask(mask.ids_keep[part], mask.ids_masked[part])
 
 
-def clap_step(engine, model: M2D2, lms: torch.Tensor, text, mask: PatchMask, accum: int) -> StepOutput | None:
+def clap_step(engine, model: M2D2, lms: torch.Tensor, text, mask: PatchMask, accum: int,
+              check_finite: bool = True) -> StepOutput | None:
     """One optimiser step of M2D + CLAP (stage 1) or CLAP alone (stages 2, 2.1) over the local batch.
 
     With ``accum > 1`` the CLAP negatives still span the whole batch (open_clip's scheme): features of every
@@ -105,7 +117,7 @@ def clap_step(engine, model: M2D2, lms: torch.Tensor, text, mask: PatchMask, acc
     if accum == 1:
         parts = model.forward_features(lms, text, mask)
         out = model.losses(parts, parts["audio"], parts["text"])
-        if not all_finite(out["loss"]):
+        if not all_finite(out["loss"], check_finite):
             return None
         engine.backward(out["loss"], scale_wrt_gas=False)
         engine.step()
@@ -116,7 +128,7 @@ def clap_step(engine, model: M2D2, lms: torch.Tensor, text, mask: PatchMask, acc
         audio, texts = [c["audio"] for c in cached], [c["text"] for c in cached]
         summary = {"loss_m2d": torch.stack([c["loss_m2d"] for c in cached]).mean()} if "loss_m2d" in cached[0] else {}
         full = model.losses(summary, torch.cat(audio), torch.cat(texts))
-    if not all_finite(full["loss"]):
+    if not all_finite(full["loss"], check_finite):
         return None
     for k, batch in enumerate(micro):
         live = model.forward_features(*batch)
@@ -138,10 +150,14 @@ class ClapObjective:
     def build_optimizer(self, cfg: TrainStageConfig, device: torch.device) -> torch.optim.Optimizer:
         return build_optimizer(cfg, self.model, device)
 
-    def train_step(self, engine, batch: Batch, generator: torch.Generator, accum: int) -> StepOutput | None:
+    def train_step(self, engine, batch: Batch, generator: torch.Generator, accum: int,
+                   check_finite: bool = True) -> StepOutput | None:
         lms, text = batch
         mask = self.model.make_mask(lms.shape[0], lms.shape[-1], mask_ratio=self.mask_ratio, generator=generator)
-        return clap_step(engine, self.model, lms, text, mask, accum)
+        return clap_step(engine, self.model, lms, text, mask, accum, check_finite)
+
+    def on_engine_ready(self, engine) -> None:
+        self.model.keep_ema_target_fp32()
 
     def after_step(self, step: int, total_steps: int) -> dict[str, float]:
         return self.model.after_optimizer_step(step, total_steps)
@@ -174,7 +190,8 @@ class FineTuneObjective:
     def build_optimizer(self, cfg: TrainStageConfig, device: torch.device) -> torch.optim.Optimizer:
         return build_optimizer(cfg, self.model, device)
 
-    def train_step(self, engine, batch: Batch, generator: torch.Generator, accum: int) -> StepOutput | None:
+    def train_step(self, engine, batch: Batch, generator: torch.Generator, accum: int,
+                   check_finite: bool = True) -> StepOutput | None:
         if accum != 1:
             # A step must be skippable as a whole when a loss is not finite, and the BatchNorm head would see
             # micro-batch statistics: the paper's batch of 64 needs no accumulation on any current GPU.
@@ -183,11 +200,14 @@ class FineTuneObjective:
         lms, targets = batch
         lms, targets, lam = mixup_batch(lms, targets, self.mixup_alpha, generator=generator)
         out = self.model(lms, targets, patch_out=self.patch_out, generator=generator)
-        if not all_finite(out["loss"]):
+        if not all_finite(out["loss"], check_finite):
             return None
         engine.backward(out["loss"], scale_wrt_gas=False)
         engine.step()
         return {"loss": out["loss"].detach(), "mixup_lam": torch.tensor(lam)}
+
+    def on_engine_ready(self, engine) -> None:
+        pass
 
     def after_step(self, step: int, total_steps: int) -> dict[str, float]:
         return {}
