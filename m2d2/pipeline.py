@@ -19,14 +19,16 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from tqdm import tqdm
 
 from m2d2 import io
 from m2d2.data.demo import DemoCorpusConfig, generate_demo_corpus
-from m2d2.data.features import FeatureConfig, LogMelStore, extract_features
+from m2d2.data.features import PLAN_FILE, FeatureConfig, LogMelStore, finish_store, plan_store, read_plan
+from m2d2.data.shards import build_shard
 from m2d2.eval.clap import ClapEvalSet, evaluate_clap
 from m2d2.eval.metrics import mean_and_std
 from m2d2.models import M2D2, M2D2Config
-from m2d2.text.cache import CaptionEmbeddings, embed_captions
+from m2d2.text.cache import CaptionEmbeddings
 from m2d2.tracking import StageRun
 from m2d2.train.config import TrainStageConfig, stage_preset
 
@@ -60,11 +62,25 @@ class PipelineConfig:
     primary_metric: str = "stage21/zs_acc"  # the "champion" alias moves only when this beats the incumbent
     prompt_template: str = PROMPT_TEMPLATE
     norm_samples: int = 5000
+    feature_shard_mb: float = 256.0  # log-mel shard size: the unit of the feature map task and of S3 fetches
+    caption_shards: int = 1  # caption-embedding shards: the elements of the embedding map task (one GPU each)
     corpus: CorpusSettings = field(default_factory=CorpusSettings)
     stage1: TrainStageConfig = field(default_factory=lambda: stage_preset("stage1", "demo"))
     stage11: TrainStageConfig = field(default_factory=lambda: stage_preset("stage1.1", "demo"))
     stage2: TrainStageConfig = field(default_factory=lambda: stage_preset("stage2", "demo"))
     stage21: TrainStageConfig = field(default_factory=lambda: stage_preset("stage2.1", "demo"))
+
+    def __post_init__(self) -> None:
+        if not io.is_local(self.data_root):
+            # Steps address their outputs as paths under data_root (content-keyed directories, memory-mapped caption
+            # vectors, reports); an object-store root would be mangled into a local path.
+            raise ValueError(f"data_root={self.data_root!r}: it must be a filesystem path that every task can read "
+                             "and write (on a cluster, the shared volume the PodTemplates mount at /data, e.g. "
+                             "/data/m2d2/runs; see k8s/README.md). Object-store URIs work for corpus_source, not "
+                             "yet for data_root.")
+        if self.feature_shard_mb <= 0 or self.caption_shards < 1:
+            raise ValueError(f"need feature_shard_mb > 0 and caption_shards >= 1, got {self.feature_shard_mb}, "
+                             f"{self.caption_shards}")
 
     @classmethod
     def from_preset(cls, name: str, **changes: Any) -> PipelineConfig:
@@ -73,9 +89,12 @@ class PipelineConfig:
         if name == "demo":
             cfg = cls()
         elif name == "paper":
-            cfg = cls(preset="paper", **{f: stage_preset(stage, "paper") for f, stage in STAGE_FIELDS.items()})
+            # 16 caption shards: ~2.5 M unique captions through a 7-B encoder, one GPU pod per shard
+            cfg = cls(preset="paper", caption_shards=16,
+                      **{f: stage_preset(stage, "paper") for f, stage in STAGE_FIELDS.items()})
         elif name == "smoke":
-            cfg = cls(preset="smoke", baseline_inits=2, norm_samples=200,
+            # small shards, so the feature and caption map tasks have several elements even on the smoke corpus
+            cfg = cls(preset="smoke", baseline_inits=2, norm_samples=200, feature_shard_mb=4.0, caption_shards=2,
                       corpus=CorpusSettings(train_per_class=2, eval_per_class=20),
                       **{f: stage_preset(stage, "smoke") for f, stage in STAGE_FIELDS.items()})
         else:
@@ -164,15 +183,38 @@ def build_corpus(cfg: PipelineConfig) -> Path:
     return out
 
 
-def build_features(cfg: PipelineConfig, corpus_dir: str | Path,
-                   parent_run_id: str | None = None) -> tuple[Path, str | None]:
-    """Log-mel store of every clip + normalisation stats from training crops of the stage-1 length."""
+def _feature_config(cfg: PipelineConfig) -> FeatureConfig:
     crop = cfg.stage1.crop_frames or M2D2Config.preset(cfg.stage1.model_preset).encoder.input_frames
-    features = FeatureConfig(norm_crop_frames=crop, norm_samples=cfg.norm_samples, seed=cfg.corpus.seed)
+    return FeatureConfig(norm_crop_frames=crop, norm_samples=cfg.norm_samples, seed=cfg.corpus.seed,
+                         shard_mb=cfg.feature_shard_mb)
+
+
+def plan_features(cfg: PipelineConfig, corpus_dir: str | Path) -> tuple[str, list[str]]:
+    """Plan the log-mel store of ``corpus_dir``: the plan's URI and one task spec per shard (``<plan>#<k>``).
+
+    The store goes to a content-keyed directory under ``data_root``; shard tasks (:func:`build_feature_shard`, a
+    Flyte map task on a cluster) read the plan by URI, so nothing large crosses a task boundary."""
+    features = _feature_config(cfg)
     out = step_dir(cfg, "features", features, corpus_dir)
-    run = _tracked(parent_run_id, "features", params={"features": features, "corpus": str(corpus_dir)})
+    plan = plan_store(io.join(str(corpus_dir), "manifest.parquet"), corpus_dir, out, features)
+    plan_uri = io.join(str(out), PLAN_FILE)
+    return plan_uri, [f"{plan_uri}#{k}" for k in range(len(plan))]
+
+
+def build_feature_shard(spec: str) -> dict[str, Any]:
+    """Build (or find committed) shard ``<plan>#<k>``; what it did, for the logs."""
+    plan_uri, k = spec.rsplit("#", 1)
+    return dataclasses.asdict(build_shard(read_plan(plan_uri), int(k), progress=False))
+
+
+def finish_features(plan_uri: str, parent_run_id: str | None = None) -> tuple[Path, str | None]:
+    """Finalise the store once every shard is committed (stats, indexes, quarantine); tracked as ``features``."""
+    plan = read_plan(plan_uri)
+    out = Path(plan.store_uri)
+    run = _tracked(parent_run_id, "features", params={"features": plan.config, "corpus": plan.audio_root,
+                                                      "shards": len(plan)})
     with run or nullcontext():
-        stats = extract_features(io.join(str(corpus_dir), "manifest.parquet"), corpus_dir, out, features)
+        stats = finish_store(plan)
         if run:
             meta = json.loads((out / "stats.json").read_text())
             run.log_metrics({"norm_mean": stats.mean, "norm_std": stats.std, "quarantined": meta["quarantined"],
@@ -182,20 +224,78 @@ def build_features(cfg: PipelineConfig, corpus_dir: str | Path,
     return out, (run.run_id if run else None)
 
 
-def build_caption_cache(cfg: PipelineConfig, corpus_dir: str | Path,
-                        parent_run_id: str | None = None) -> tuple[Path, str | None]:
-    """Embed every unique caption of every split, plus the zero-shot prompts, with the stage-1 text encoder."""
+def build_features(cfg: PipelineConfig, corpus_dir: str | Path,
+                   parent_run_id: str | None = None) -> tuple[Path, str | None]:
+    """Log-mel store of every clip + normalisation stats from training crops of the stage-1 length, in one process:
+    :func:`plan_features`, every :func:`build_feature_shard`, :func:`finish_features`."""
+    plan_uri, shards = plan_features(cfg, corpus_dir)
+    for spec in tqdm(shards, desc="log-mel shards", unit="shard", leave=False):
+        build_feature_shard(spec)
+    return finish_features(plan_uri, parent_run_id)
+
+
+def plan_captions(cfg: PipelineConfig, corpus_dir: str | Path) -> tuple[str, list[str]]:
+    """Plan the caption cache: every unique caption of every split plus the zero-shot prompts, cut into
+    ``cfg.caption_shards`` shards for the stage-1 text encoder. Returns the plan's URI and one spec per shard
+    (``<plan>#<k>``, for :func:`embed_caption_shard`, a map task on a cluster). The vectors do not depend on the
+    number of shards, so it is not part of the cache's key."""
+    from m2d2.text.cache import default_workdir
+    from m2d2.text.shards import plan_shards
+
     text = M2D2Config.preset(cfg.stage1.model_preset).text.offline
     out = step_dir(cfg, "captions", text, corpus_dir, cfg.prompt_template) / "captions.parquet"
     manifest = pq.read_table(Path(corpus_dir) / "manifest.parquet", columns=["captions", "labels"]).to_pydict()
     captions = {c for caps in manifest["captions"] for c in caps}
     prompts = {cfg.prompt_template.format(label.replace("_", " ")) for labels in manifest["labels"] for label in labels}
-    run = _tracked(parent_run_id, "embed", params={"text_encoder": text, "prompt_template": cfg.prompt_template})
+    # bucket=False: text-ordered batches keep the demo's vectors bit-identical (see m2d2.text.cache.embed_captions)
+    plan = plan_shards(captions | prompts, cfg.caption_shards, text, bucket=False)
+    plan_uri = str(plan.save(default_workdir(out)))
+    return plan_uri, [f"{plan_uri}#{k}" for k in range(plan.n_shards)]
+
+
+def _caption_plan(plan_uri: str):
+    from m2d2.text.shards import ShardPlan
+
+    work = Path(plan_uri).parent
+    return ShardPlan.load(work), work, work.with_suffix(".parquet")
+
+
+def embed_caption_shard(spec: str) -> int:
+    """Embed shard ``<plan>#<k>`` on this machine's GPU (else CPU); rows embedded now (0: already done)."""
+    from m2d2.text.cache import is_current
+    from m2d2.text.shards import embed_shard
+
+    plan_uri, k = spec.rsplit("#", 1)
+    plan, work, out = _caption_plan(plan_uri)
+    if is_current(out, plan):
+        return 0
+    result = embed_shard(plan, int(k), work, device="cuda" if torch.cuda.is_available() else "cpu")
+    return 0 if result.skipped else result.rows
+
+
+def finish_captions(plan_uri: str, parent_run_id: str | None = None) -> tuple[Path, str | None]:
+    """Merge the committed shards into the cache (index written last), drop the shards; tracked as ``embed``."""
+    from m2d2.text.cache import is_current
+    from m2d2.text.shards import merge_shards, remove_workdir
+
+    plan, work, out = _caption_plan(plan_uri)
+    run = _tracked(parent_run_id, "embed", params={"text_encoder": plan.config, "shards": plan.n_shards})
     with run or nullcontext():
-        rows = embed_captions(captions | prompts, text, out)
+        rows = plan.rows if is_current(out, plan) else merge_shards(plan, work, out)
+        remove_workdir(work)
         if run:
-            run.log_metrics({"unique_captions": len(captions), "prompts": len(prompts), "rows": rows}, step=0)
+            run.log_metrics({"input_captions": plan.n_input, "rows": rows}, step=0)
     return out, (run.run_id if run else None)
+
+
+def build_caption_cache(cfg: PipelineConfig, corpus_dir: str | Path,
+                        parent_run_id: str | None = None) -> tuple[Path, str | None]:
+    """The caption cache in one process: :func:`plan_captions`, every :func:`embed_caption_shard`,
+    :func:`finish_captions`."""
+    plan_uri, shards = plan_captions(cfg, corpus_dir)
+    for spec in shards:
+        embed_caption_shard(spec)
+    return finish_captions(plan_uri, parent_run_id)
 
 
 # ----------------------------------------------------------------------------------------------------- evaluation

@@ -574,3 +574,23 @@ def test_readme_install_order_and_training_operator_not_vendored():
     for path in K8S.rglob("*.yaml"):
         for doc in load_yaml(path):
             assert doc.get("kind") not in ("CustomResourceDefinition", "PyTorchJob"), f"{path}: vendored CRD/CR"
+
+
+@pytest.mark.parametrize(("tree", "mode", "storage_class"), [("overlays/prod", "ReadWriteMany", "efs-sc"),
+                                                              ("overlays/local", "ReadWriteOnce", None)])
+def test_every_task_pod_mounts_the_shared_data_root(tree, mode, storage_class):
+    """PipelineConfig.data_root is a path every task pod sees: feature and caption shards, written by many pods at
+    once, and each step's output read by the next."""
+    objs = rendered(tree)
+    claims = [o for o in objs if o["kind"] == "PersistentVolumeClaim" and o["metadata"]["name"] == "m2d2-data"]
+    assert len(claims) == 1 and claims[0]["spec"]["accessModes"] == [mode]
+    assert claims[0]["spec"].get("storageClassName") == storage_class
+    templates = [o for o in objs if o["kind"] == "PodTemplate"]
+    assert {t["metadata"]["name"] for t in templates} == {"m2d2-default", "m2d2-gpu"}
+    for template in templates:
+        spec = template["template"]["spec"]
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["data"]["persistentVolumeClaim"]["claimName"] == "m2d2-data"
+        assert template["metadata"]["namespace"] == claims[0]["metadata"]["namespace"]
+        mounts = {m["mountPath"]: m["name"] for m in spec["containers"][0]["volumeMounts"]}
+        assert mounts["/data"] == "data"

@@ -43,6 +43,9 @@ def package(tmp_path_factory) -> dict[str, dict]:
         message = launch_plan_pb2.LaunchPlan() if name.startswith("m2d2_") else task_pb2.TaskSpec()
         if name.startswith("workflows.full.full"):
             continue  # workflow closures: the tasks and launch plans are what we check
+        if name.endswith("-arraynode"):  # the map-task nodes over a task's elements
+            entities.setdefault("_map_nodes", []).append(name.removeprefix("workflows.full."))
+            continue
         message.ParseFromString(path.read_bytes())
         entities[name.removeprefix("workflows.full.")] = MessageToDict(message)
     return entities
@@ -70,14 +73,27 @@ def test_training_tasks_are_pytorch_jobs_on_gpus(package):
 
 @pytest.mark.slow
 def test_cpu_tasks_use_the_cpu_image_without_gpus(package):
-    cpu_tasks = {"open_workspace", "start_tracking", "resolve_corpus", "make_corpus", "make_features",
-                 "embed_captions", "evaluate", "finish_tracking"}
+    cpu_tasks = {"open_workspace", "start_tracking", "resolve_corpus", "make_corpus", "plan_features",
+                 "feature_shard", "finish_features", "plan_captions", "finish_captions", "evaluate", "finish_tracking"}
     assert cpu_tasks | set(TRAINING) <= set(package)
     for name in cpu_tasks:
         template = package[name]["template"]
         assert template["type"] == "python-task" and template["container"]["image"] == CPU, name
         assert template["metadata"]["podTemplateName"] == "m2d2-default"
         assert "GPU" not in {r["name"] for r in template["container"]["resources"].get("requests", [])}
+
+
+@pytest.mark.slow
+def test_feature_and_caption_shards_are_map_tasks(package):
+    """Log-mel shards fan out over CPU pods; caption-embedding shards over GPU pods (the 7-B text encoder)."""
+    assert {n.split("_", 1)[1].rsplit("_", 1)[0] for n in package["_map_nodes"]} == {"feature_shard", "caption_shard"}
+    for name in ("feature_shard", "caption_shard"):
+        meta = package[name]["template"]["metadata"]
+        assert meta["discoverable"] and meta["retries"]["retries"] == 2, name  # cached and retried per element
+    caption = package["caption_shard"]["template"]
+    requests = {r["name"]: r["value"] for r in caption["container"]["resources"]["requests"]}
+    assert requests["GPU"] == "1" and caption["container"]["image"] == TRAINER
+    assert caption["metadata"]["podTemplateName"] == "m2d2-gpu"
 
 
 @pytest.mark.slow
@@ -137,3 +153,11 @@ def test_optional_stages_pass_their_input_through_when_disabled():
                                     parent_run_id="") is previous
     assert wf.stage21.task_function(cfg=cfg, workspace="", features=None, stage2_result=previous,
                                     parent_run_id="") is previous
+
+
+def test_data_root_must_be_a_path_every_task_sees():
+    from m2d2.pipeline import PipelineConfig
+
+    with pytest.raises(ValueError, match="shared volume the PodTemplates mount at /data"):
+        PipelineConfig.from_preset("paper", data_root="s3://bucket/m2d2/runs")
+    assert PipelineConfig.from_preset("paper", data_root="/data/m2d2/runs").caption_shards == 16

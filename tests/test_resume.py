@@ -44,11 +44,13 @@ def _final_state(out_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("nproc", "zero_stage"), [(1, 0), (2, 2)])
-def test_killed_and_resumed_run_is_bitwise_identical(tmp_path, smoke_data, nproc, zero_stage):
-    """Two processes run under ZeRO-2: each rank's optimiser partition comes back from its own file."""
+@pytest.mark.parametrize(("nproc", "zero_stage", "precision"), [(1, 0, "auto"), (2, 2, "auto"), (1, 0, "bf16")])
+def test_killed_and_resumed_run_is_bitwise_identical(tmp_path, smoke_data, nproc, zero_stage, precision):
+    """Two processes run under ZeRO-2: each rank's optimiser partition comes back from its own file. bf16 is the GPU
+    path (DeepSpeed's bf16 weights with fp32 masters, fp32 EMA target), run here on CPU."""
     _, features, captions = smoke_data
-    overrides = {"max_steps": 6, "checkpoint_every": 2, "global_batch": 4, "log_every": 1, "zero_stage": zero_stage}
+    overrides = {"max_steps": 6, "checkpoint_every": 2, "global_batch": 4, "log_every": 1, "zero_stage": zero_stage,
+                 "precision": precision}
     straight = _train("stage1", features, captions, tmp_path / "straight", overrides, nproc)
     assert straight.returncode == 0, straight.stderr[-3000:]
     crashed = _train("stage1", features, captions, tmp_path / "resumed", overrides, nproc, fault_at=3)
@@ -67,6 +69,11 @@ def test_killed_and_resumed_run_is_bitwise_identical(tmp_path, smoke_data, nproc
     exported_a = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
     exported_b = load_file(str(tmp_path / "resumed" / "model" / "model.safetensors"))
     assert all(torch.equal(exported_a[k], exported_b[k]) for k in exported_a)
+    if precision == "bf16":  # checkpoints hold the bf16 weights (masters are in the optimiser files), the export fp32
+        weight = "encoder.blocks.0.attn.qkv.weight"
+        assert a[weight].dtype == torch.bfloat16 and a["target.norm.weight"].dtype == torch.float32
+        assert exported_a[weight].dtype == torch.float32
+        assert not torch.equal(exported_a[weight], exported_a[weight].bfloat16().float())  # not a bf16 rounding
     # keep-last-k pruned the older checkpoints of the straight run (every 2 steps: 2, 4, final 6 -> keep 3).
     assert len(list((tmp_path / "straight" / "checkpoints").glob("step-*"))) == 3
 

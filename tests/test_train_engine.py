@@ -185,7 +185,7 @@ def test_consecutive_non_finite_losses_abort_clearly(tmp_path, smoke_data):
 def test_bf16_training_keeps_the_ema_target_fp32_and_lets_deepspeed_skip_non_finite_steps():
     """DeepSpeed's bf16 mode casts every parameter; the EMA target must stay fp32 (a bf16 target never moves) and a
     non-finite gradient is skipped by DeepSpeed's optimiser wrapper without a loss check of ours."""
-    from m2d2.train.engine import Trainer
+    from m2d2.train.engine import Trainer, master_weights
     from m2d2.train.objectives import ClapObjective
 
     torch.manual_seed(0)
@@ -224,6 +224,11 @@ def test_bf16_training_keeps_the_ema_target_fp32_and_lets_deepspeed_skip_non_fin
     assert trainer.step(1, poisoned, text) is None and not trainer.engine.was_step_applied()
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
     assert trainer.step(2, lms, text) is not None  # and training goes on
+
+    masters = {id(p): hp.clone() for p, hp in master_weights(trainer.optimizer, model)}
+    assert trainer.load_master_weights() == len(masters) > 0
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(torch.equal(p, masters[id(p)]) for p in model.parameters() if id(p) in masters)
 
 
 def test_regional_compile_policy_and_state_dict_keys():

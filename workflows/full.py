@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from flytekit import Cache, FlyteContextManager, Resources, current_context, task, workflow
+from flytekit import Cache, FlyteContextManager, Resources, current_context, map_task, task, workflow
 from flytekit.extras.accelerators import GPUAccelerator
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
@@ -71,7 +71,7 @@ USES_GPUS = TOPOLOGY != "demo"  # the demo topology trains on CPU processes
 def _resources(kind: str) -> Resources:
     """Requests per CPU task kind (and CPU training in the demo topology)."""
     return {"small": Resources(cpu="1", mem="2Gi"), "corpus": Resources(cpu="2", mem="4Gi"),
-            "features": Resources(cpu="8", mem="16Gi"), "embed": Resources(cpu="8", mem="32Gi"),
+            "shard": Resources(cpu="2", mem="8Gi"), "embed": Resources(cpu="8", mem="32Gi"),
             "evaluate": Resources(cpu="8", mem="32Gi"), "train": Resources(cpu="4", mem="16Gi")}[kind]
 
 
@@ -201,19 +201,64 @@ def make_corpus(cfg: PipelineConfig, workspace: str, source: str) -> Corpus:
     return Corpus(audio=audio, manifest=StructuredDataset(dataframe=manifest))
 
 
-@cpu_task("features", cache=Cache(version="features-3", ignored_inputs=TRACKING))
-def make_features(cfg: PipelineConfig, workspace: str, corpus: Corpus, parent_run_id: str) -> Artifact:
-    from m2d2.pipeline import build_features, rooted
+# Features and caption vectors: a plan task, a map task over its shards (on a cluster one pod per shard, run
+# side by side; locally one after the other), a finish task. Shard specs are "<plan uri>#<k>" strings: the plan
+# itself stays in the step's directory. Every element is cached; a failed element is retried on its own.
+MAP_CONCURRENCY = int(os.environ.get("M2D2_MAP_CONCURRENCY", "64"))
 
-    out, run_id = build_features(rooted(cfg, workspace), _local(corpus.audio), parent_run_id or None)
+
+@cpu_task("small", cache=Cache(version="features-plan-1"))
+def plan_features(cfg: PipelineConfig, workspace: str, corpus: Corpus) -> tuple[str, list[str]]:
+    from m2d2.pipeline import plan_features, rooted
+
+    return plan_features(rooted(cfg, workspace), _local(corpus.audio))
+
+
+@cpu_task("shard", cache=Cache(version="features-shard-1"), retries=2)
+def feature_shard(spec: str) -> str:
+    import json
+
+    from m2d2.pipeline import build_feature_shard
+
+    return json.dumps(build_feature_shard(spec))
+
+
+@cpu_task("small", cache=Cache(version="features-4", ignored_inputs=TRACKING))
+def finish_features(plan_uri: str, built: list[str], parent_run_id: str) -> Artifact:
+    from m2d2.pipeline import finish_features
+
+    out, run_id = finish_features(plan_uri, parent_run_id or None)
     return Artifact(path=_out(out), mlflow_run_id=run_id or "")
 
 
-@cpu_task("embed", cache=Cache(version="embed-2", ignored_inputs=TRACKING))
-def embed_captions(cfg: PipelineConfig, workspace: str, corpus: Corpus, parent_run_id: str) -> Artifact:
-    from m2d2.pipeline import build_caption_cache, rooted
+@cpu_task("small", cache=Cache(version="captions-plan-1"))
+def plan_captions(cfg: PipelineConfig, workspace: str, corpus: Corpus) -> tuple[str, list[str]]:
+    from m2d2.pipeline import plan_captions, rooted
 
-    out, run_id = build_caption_cache(rooted(cfg, workspace), _local(corpus.audio), parent_run_id or None)
+    return plan_captions(rooted(cfg, workspace), _local(corpus.audio))
+
+
+def _embed_task(**kwargs):
+    """Caption-embedding shards: a GPU each on a cluster (the paper's 7-B text encoder), CPU in the demo."""
+    if not USES_GPUS:
+        return cpu_task("embed", **kwargs)
+    return task(environment=ENV, container_image=TRAINER_IMAGE, pod_template_name=GPU_POD_TEMPLATE,
+                requests=Resources(cpu="8", mem="64Gi", gpu="1"), accelerator=GPUAccelerator(GPU_TYPE),
+                interruptible=True, **kwargs)
+
+
+@_embed_task(cache=Cache(version="captions-shard-1"), retries=2)
+def caption_shard(spec: str) -> int:
+    from m2d2.pipeline import embed_caption_shard
+
+    return embed_caption_shard(spec)
+
+
+@cpu_task("small", cache=Cache(version="embed-3", ignored_inputs=TRACKING))
+def finish_captions(plan_uri: str, embedded: list[int], parent_run_id: str) -> Artifact:
+    from m2d2.pipeline import finish_captions
+
+    out, run_id = finish_captions(plan_uri, parent_run_id or None)
     return Artifact(path=_out(out.parent), mlflow_run_id=run_id or "")
 
 
@@ -391,8 +436,12 @@ def full(cfg: PipelineConfig = PipelineConfig()) -> FlyteFile:  # noqa: B008 (Fl
     workspace = open_workspace(cfg=cfg)
     parent = start_tracking(cfg=cfg)
     corpus = make_corpus(cfg=cfg, workspace=workspace, source=resolve_corpus(cfg=cfg))
-    features = make_features(cfg=cfg, workspace=workspace, corpus=corpus, parent_run_id=parent)
-    captions = embed_captions(cfg=cfg, workspace=workspace, corpus=corpus, parent_run_id=parent)
+    feature_plan, feature_shards = plan_features(cfg=cfg, workspace=workspace, corpus=corpus)
+    built = map_task(feature_shard, concurrency=MAP_CONCURRENCY)(spec=feature_shards)
+    features = finish_features(plan_uri=feature_plan, built=built, parent_run_id=parent)
+    caption_plan, caption_shards = plan_captions(cfg=cfg, workspace=workspace, corpus=corpus)
+    embedded = map_task(caption_shard, concurrency=MAP_CONCURRENCY)(spec=caption_shards)
+    captions = finish_captions(plan_uri=caption_plan, embedded=embedded, parent_run_id=parent)
     s1 = stage1(cfg=cfg, workspace=workspace, features=features, captions=captions, parent_run_id=parent)
     s11 = stage11(cfg=cfg, workspace=workspace, features=features, stage1_result=s1, parent_run_id=parent)
     s2 = stage2(cfg=cfg, workspace=workspace, features=features, stage11_result=s11, parent_run_id=parent)

@@ -2,7 +2,7 @@
 
 Register with the trainer topology and images, e.g.::
 
-    M2D2_TOPOLOGY=paper M2D2_DATA_ROOT=s3://my-bucket/m2d2 M2D2_SNAPSHOTS=s3://my-bucket/corpus \\
+    M2D2_TOPOLOGY=paper M2D2_DATA_ROOT=/data/m2d2/runs M2D2_SNAPSHOTS=s3://my-bucket/corpus \\
     M2D2_NOTIFY_EMAIL=ml-team@example.com \\
     pyflyte register workflows --image trainer=<registry>/m2d2-trainer:<v> --image cpu=<registry>/m2d2-cpu:<v>
 
@@ -23,7 +23,7 @@ from flytekit import CronSchedule, Email, LaunchPlan, Slack, WorkflowExecutionPh
 from m2d2.pipeline import LATEST, PipelineConfig
 from workflows.full import full
 
-DATA_ROOT = os.environ.get("M2D2_DATA_ROOT", "s3://m2d2/runs")
+DATA_ROOT = os.environ.get("M2D2_DATA_ROOT", "/data/m2d2/runs")  # the shared volume of the PodTemplates
 SNAPSHOTS = os.environ.get("M2D2_SNAPSHOTS", "s3://m2d2/corpus")
 RETRAIN_CRON = os.environ.get("M2D2_RETRAIN_CRON", "0 3 * * 0")
 

@@ -56,9 +56,37 @@ from m2d2.data.shards import (
 log = logging.getLogger(__name__)
 
 __all__ = ["COMPLETE_FILE", "INDEX_SCHEMA", "QUARANTINE_FILE", "QUARANTINE_SCHEMA", "STATS_FILE", "FeatureConfig",
-           "LogMelStore", "extract_features", "fetch_shard", "fetch_shards", "load_norm_stats", "store_report"]
+           "LogMelStore", "extract_features", "fetch_shard", "finish_store", "plan_store", "read_plan", "fetch_shards", "load_norm_stats", "store_report"]
 
 _CHUNK = 16 * 2**20
+
+
+PLAN_FILE = "plan.json"
+
+
+def plan_store(manifest: str | Path, corpus_root: str | Path, out_dir: str | Path, config: FeatureConfig | None = None,
+               splits: Sequence[str] = ("train", "eval")) -> ShardPlan:
+    """Plan the store at ``out_dir`` and write the plan there (``plan.json``), for shard tasks to read by URI."""
+    plan = plan_shards(str(manifest), str(out_dir), str(corpus_root), config or FeatureConfig(), tuple(splits))
+    if not plan.split_sizes.get("train"):
+        raise ValueError(f"{manifest} has no 'train' rows: the normalisation statistics need training clips")
+    io.atomic_write_bytes(io.join(str(out_dir), PLAN_FILE), plan.to_json().encode())
+    return plan
+
+
+def read_plan(plan_uri: str) -> ShardPlan:
+    return ShardPlan.from_json(io.read_bytes(plan_uri).decode())
+
+
+def finish_store(plan: ShardPlan) -> NormStats:
+    """Finalise a store whose shards are all committed; its normalisation statistics."""
+    report = finalize_store(plan)
+    log.info("feature store %s: %d shards, clips %s, %d quarantined", plan.store_uri, len(plan), report.counts,
+             report.quarantined)
+    if not report.counts.get("train"):
+        raise ValueError(f"no training clip could be decoded from {plan.manifest_uri} (see {QUARANTINE_FILE})")
+    assert report.norm_stats is not None
+    return report.norm_stats
 
 
 def extract_features(
@@ -73,13 +101,12 @@ def extract_features(
     """Log-mel of every clip of ``manifest`` (rows of ``splits``) into a sharded store at ``out_dir`` (local path
     or ``s3://``), plus normalisation stats of training crops, which are stored and returned.
 
-    Re-running after a crash redoes only the shards that were not committed. Rejected clips are listed in
-    ``quarantine.parquet``; counts are in ``stats.json`` (see :func:`store_report`). ``workers`` > 1 builds shards
-    in that many processes, one torch thread each (shards are the unit of parallelism, as in the map task).
+    :func:`plan_store`, every :func:`~m2d2.data.shards.build_shard`, :func:`finish_store`: the steps the workflow
+    runs as plan task, map task and finish task. Re-running after a crash redoes only the shards that were not
+    committed. Rejected clips are listed in ``quarantine.parquet``; counts are in ``stats.json`` (see
+    :func:`store_report`). ``workers`` > 1 builds shards in that many processes, one torch thread each.
     """
-    plan = plan_shards(str(manifest), str(out_dir), str(corpus_root), config or FeatureConfig(), tuple(splits))
-    if not plan.split_sizes.get("train"):
-        raise ValueError(f"{manifest} has no 'train' rows: the normalisation statistics need training clips")
+    plan = plan_store(manifest, corpus_root, out_dir, config, splits)
     built = 0
     if workers > 1:
         context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch/fsspec state
@@ -91,13 +118,8 @@ def extract_features(
     else:
         for k in tqdm(range(len(plan)), desc="log-mel shards", unit="shard", disable=not progress, leave=False):
             built += build_shard(plan, k, progress=progress).status == "built"
-    report = finalize_store(plan)
-    log.info("feature store %s: %d shards (%d built now), clips %s, %d quarantined", out_dir, len(plan), built,
-             report.counts, report.quarantined)
-    if not report.counts.get("train"):
-        raise ValueError(f"no training clip could be decoded from {manifest} (see {QUARANTINE_FILE})")
-    assert report.norm_stats is not None
-    return report.norm_stats
+    log.info("feature store %s: %d of %d shards built now", out_dir, built, len(plan))
+    return finish_store(plan)
 
 
 def _build_single_threaded(plan_json: str, k: int) -> ShardResult:

@@ -188,6 +188,30 @@ def skips_nonfinite_steps(optimizer) -> bool:
     return isinstance(optimizer, (BF16_Optimizer, FP16_Optimizer, FP16_UnfusedOptimizer))
 
 
+def master_weights(optimizer, module: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """``(parameter, its fp32 master)`` for every trainable parameter DeepSpeed trains in lower precision; empty when
+    the parameters are the masters (fp32 training). A collective under ZeRO: call it on every rank."""
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    from deepspeed.utils import safe_get_full_fp32_param
+    from torch._utils import _unflatten_dense_tensors
+
+    if isinstance(optimizer, FP16_UnfusedOptimizer):
+        return [pair for lp, hp in zip(optimizer.fp16_groups, optimizer.fp32_groups, strict=True)
+                for pair in zip(lp, hp, strict=True)]
+    if isinstance(optimizer, FP16_Optimizer):
+        return [pair for lp, flat in zip(optimizer.fp16_groups, optimizer.fp32_groups_flat, strict=True)
+                for pair in zip(lp, _unflatten_dense_tensors(flat, lp), strict=True)]
+    pairs = []
+    for param in module.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            master = safe_get_full_fp32_param(param)  # ZeRO 1/2 and DeepSpeed's bf16 optimiser
+            if master is None:
+                raise RuntimeError(f"no fp32 master for a {param.dtype} parameter under {type(optimizer).__name__}")
+            pairs.append((param, master))
+    return pairs
+
+
 class Trainer:
     """DeepSpeed around an objective's module on this rank's device: what one optimiser step is.
 
@@ -233,6 +257,18 @@ class Trainer:
         if out is None or not self.engine.was_step_applied():
             return None
         return {**out, **self.objective.after_step(step, self.total_steps), "lr": lr}
+
+    @torch.no_grad()
+    def load_master_weights(self) -> int:
+        """Make the module fp32 and give every trained parameter its fp32 master value: what a stage exports (and
+        the next stage starts from) is the optimiser's full-precision model, not its bf16 rounding. Call on every
+        rank, after the last step; returns how many parameters took a master value."""
+        pairs = master_weights(self.optimizer, self.model)
+        if pairs or any(p.dtype != torch.float32 for p in self.model.parameters()):
+            self.model.float()
+        for param, master in pairs:
+            param.copy_(master.view_as(param))
+        return len(pairs)
 
 
 def train(
@@ -350,6 +386,7 @@ def _train(cfg: TrainStageConfig, objective: Objective, dataset, out_dir: Path, 
     progress.close()
     if manager.latest() != state.step:
         save(state.step)
+    trainer.load_master_weights()
     export_dir = str(out_dir / EXPORT_DIR)
     if rank == 0:
         export_dir = objective.export(out_dir)
