@@ -17,7 +17,7 @@ two loss trajectories over ``--check-steps`` steps with their largest relative d
     python benchmarks/stage1_throughput.py --preset cpu-smoke    # tiny model on CPU (what CI runs)
 
 Options: ``--batch``, ``--steps`` (timed), ``--warmup``, ``--check-steps``, ``--compile auto|on|off``,
-``--zero-stage``, ``--out``. Nothing here is asserted: the figures are the result.
+``--zero-stage``, ``--gemm``, ``--out``. Nothing here is asserted: the figures are the result.
 """
 
 from __future__ import annotations
@@ -325,6 +325,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--check-steps", type=int)
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
     parser.add_argument("--zero-stage", type=int)
+    parser.add_argument("--gemm", type=int, help="size of the square GEMM that sets the ceiling (preset: 8192 on GPU)")
     parser.add_argument("--out", default="stage1_throughput.json")
     args = parser.parse_args(argv)
     name = args.preset if args.preset != "auto" else ("gpu" if torch.cuda.is_available() else "cpu-smoke")
@@ -346,7 +347,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{p.model} {model_cfg.encoder.n_mels}x{model_cfg.encoder.input_frames}, mask {model_cfg.m2d.mask_ratio}, "
           f"batch {batch}, {check} trajectory + {warmup} warm-up + {steps} timed steps", flush=True)
 
-    ceiling, ceiling_kind = gemm_ceiling(device, p.gemm)
+    ceiling, ceiling_kind = gemm_ceiling(device, args.gemm or p.gemm)
     print(f"GEMM ceiling ({ceiling_kind}): {ceiling:.1f} TFLOP/s", flush=True)
     batches = make_batches(model_cfg, batch, min(check, 8) or 1, device)
 

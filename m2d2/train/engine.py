@@ -173,7 +173,9 @@ def compile_blocks(module: nn.Module) -> int:
 
     blocks = [m for m in module.modules() if isinstance(m, Block)]
     for block in blocks:
-        block.compile()
+        # Static shapes: stage 1 calls blocks at 4 sizes (encoder, target, predictor, projector), each compiled once;
+        # automatic dynamic shapes would turn the second size into one slower symbolic-shape graph for all.
+        block.compile(dynamic=False)
     return len(blocks)
 
 
