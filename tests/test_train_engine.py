@@ -247,3 +247,22 @@ def test_regional_compile_policy_and_state_dict_keys():
     c = model.config
     assert compile_blocks(model) == c.encoder.depth * 2 + c.predictor.depth + c.projector.depth
     assert list(model.state_dict()) == keys
+
+
+def test_bf16_export_keeps_frozen_parameters_unrounded():
+    """A frozen part (stage 2's encoder) has no fp32 master; DeepSpeed's bf16 cast must not reach the export."""
+    from m2d2.train.engine import Trainer
+    from m2d2.train.objectives import ClapObjective
+
+    torch.manual_seed(0)
+    model = M2D2(M2D2Config.preset("smoke"))
+    model.set_stage("stage1")
+    model.audio_proj.requires_grad_(False)
+    frozen = {n: p.detach().clone() for n, p in model.audio_proj.named_parameters()}
+    assert any(not torch.equal(v, v.bfloat16().float()) for v in frozen.values())
+    trainer = Trainer(stage_preset("stage1", "smoke").replace(global_batch=4, precision="bf16"),
+                      ClapObjective(model), total_steps=1, warmup_steps=0)
+    assert model.audio_proj.norm.weight.dtype == torch.bfloat16
+    trainer.step(0, torch.randn(4, 80, 64) * 3 - 5, torch.randn(4, model.config.text.offline.dim))
+    trainer.load_master_weights()
+    assert all(torch.equal(p, frozen[n]) for n, p in model.audio_proj.named_parameters())

@@ -238,8 +238,13 @@ class Trainer:
         self.model = objective.module.to(self.device)
         self.compiled_blocks = compile_blocks(self.model) if use_compile(cfg, self.device) else 0
         optimizer = objective.build_optimizer(cfg, self.device)
+        ds_config = deepspeed_config(cfg, self.world, self.device)
+        # DeepSpeed casts frozen parameters to bf16 too, and they have no fp32 master: keep their values (e.g. stage
+        # 2's frozen encoder) so that load_master_weights can export them unrounded.
+        self._frozen = {id(p): p.detach().to("cpu", copy=True) for p in self.model.parameters()
+                        if not p.requires_grad and p.dtype == torch.float32} if ds_config["bf16"]["enabled"] else {}
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=self.model, optimizer=optimizer, config=deepspeed_config(cfg, self.world, self.device))
+            model=self.model, optimizer=optimizer, config=ds_config)
         objective.on_engine_ready(self.engine)
         self.check_loss = not skips_nonfinite_steps(self.optimizer)
         self.engine.train()
@@ -266,10 +271,13 @@ class Trainer:
         the next stage starts from) is the optimiser's full-precision model, not its bf16 rounding. Call on every
         rank, after the last step; returns how many parameters took a master value."""
         pairs = master_weights(self.optimizer, self.model)
+        rounded = [p for p in self.model.parameters() if id(p) in self._frozen and p.dtype != torch.float32]
         if pairs or any(p.dtype != torch.float32 for p in self.model.parameters()):
             self.model.float()
         for param, master in pairs:
             param.copy_(master.view_as(param))
+        for param in rounded:  # frozen, never updated: their values from before the cast
+            param.copy_(self._frozen[id(param)])
         return len(pairs)
 
 
