@@ -133,22 +133,24 @@ def _is_empty(target: str | BinaryIO) -> bool:
     return _head(target, 1) == b"" and hasattr(target, "seek") and target.seekable()
 
 
+# Leading magic bytes of audio containers libsndfile cannot read.
+_UNSUPPORTED_MAGIC = (
+    (b"\x1aE\xdf\xa3", "Matroska/WebM"),
+    (b"0&\xb2u\x8ef\xcf\x11", "ASF/WMA"),
+    (b"#!AMR", "AMR"),
+    (b"MAC ", "Monkey's Audio"),
+    (b"wvpk", "WavPack"),
+    (b"MThd", "MIDI (not a recording)"),
+)
+
+
 def _unsupported_container(head: bytes, name: str) -> str | None:
     """Name of a known audio container that libsndfile cannot read, from magic bytes or the file extension."""
     if head[4:8] == b"ftyp":
         return "MP4/M4A (AAC or ALAC)"
-    if head.startswith(b"\x1aE\xdf\xa3"):
-        return "Matroska/WebM"
-    if head.startswith(b"0&\xb2u\x8ef\xcf\x11"):
-        return "ASF/WMA"
-    if head.startswith(b"#!AMR"):
-        return "AMR"
-    if head.startswith(b"MAC "):
-        return "Monkey's Audio"
-    if head.startswith(b"wvpk"):
-        return "WavPack"
-    if head.startswith(b"MThd"):
-        return "MIDI (not a recording)"
+    for magic, container in _UNSUPPORTED_MAGIC:
+        if head.startswith(magic):
+            return container
     if len(head) >= 2 and head[0] == 0xFF and (head[1] & 0xF6) == 0xF0:
         return "raw AAC (ADTS)"
     ext = os.path.splitext(name.split("?")[0])[1].lower()
