@@ -278,10 +278,9 @@ def run_variant(name: str, step_fn, batches, check_steps: int, warmup: int, step
     _sync(device)
     t0 = time.perf_counter()
     for s in range(first + warmup + 1, first + warmup + 1 + steps):
-        last = step_fn(s, *batches[s % len(batches)])
+        step_fn(s, *batches[s % len(batches)])
     _sync(device)
     elapsed = time.perf_counter() - t0
-    float(last)
     batch = batches[0][0].shape[0]
     return {"variant": name, "samples_per_s": batch * steps / elapsed, "ms_per_step": 1e3 * elapsed / steps,
             "peak_memory_gib": _peak_memory_gib(device), "host_syncs_per_step": syncs, "losses": trajectory}
@@ -343,7 +342,8 @@ def main(argv: list[str] | None = None) -> dict:
         **({} if args.zero_stage is None else {"zero_stage": args.zero_stage}))
     model_cfg = M2D2Config.preset(p.model)
     model_cfg.norm_mean, model_cfg.norm_std = -7.0, 4.0
-    print(f"stage-1 step on {device} ({versions().get('gpu', versions().get('cpu'))}), preset {name}: model "
+    versions_now = versions()
+    print(f"stage-1 step on {device} ({versions_now.get('gpu', versions_now.get('cpu'))}), preset {name}: model "
           f"{p.model} {model_cfg.encoder.n_mels}x{model_cfg.encoder.input_frames}, mask {model_cfg.m2d.mask_ratio}, "
           f"batch {batch}, {check} trajectory + {warmup} warm-up + {steps} timed steps", flush=True)
 
@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> dict:
     ref, proj = results
     rel = [abs(a - b) / max(abs(b), 1e-12) for a, b in zip(proj["losses"], ref["losses"], strict=True)]
     report = {
-        "date": time.strftime("%Y-%m-%d"), "preset": name, "device": str(device), "versions": versions(),
+        "date": time.strftime("%Y-%m-%d"), "preset": name, "device": str(device), "versions": versions_now,
         "batch": batch, "model": p.model, "frames": model_cfg.encoder.input_frames,
         "mask_ratio": model_cfg.m2d.mask_ratio, "project_precision": p.precision, "compile": args.compile,
         "compiled_blocks": trainer.compiled_blocks, "zero_stage": train_cfg.zero_stage,

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from m2d2 import io
 from m2d2.data.demo import DemoCorpusConfig, generate_demo_corpus
-from m2d2.data.features import PLAN_FILE, FeatureConfig, LogMelStore, finish_store, plan_store, read_plan
+from m2d2.data.features import FeatureConfig, LogMelStore, finish_store, plan_store, read_plan, store_plan_uri
 from m2d2.data.shards import build_shard
 from m2d2.eval.clap import ClapEvalSet, evaluate_clap
 from m2d2.eval.metrics import mean_and_std
@@ -197,8 +197,8 @@ def plan_features(cfg: PipelineConfig, corpus_dir: str | Path) -> tuple[str, lis
     features = _feature_config(cfg)
     out = step_dir(cfg, "features", features, corpus_dir)
     plan = plan_store(io.join(str(corpus_dir), "manifest.parquet"), corpus_dir, out, features)
-    plan_uri = io.join(str(out), PLAN_FILE)
-    return plan_uri, [f"{plan_uri}#{k}" for k in range(len(plan))]
+    uri = store_plan_uri(out)
+    return uri, [f"{uri}#{k}" for k in range(len(plan))]
 
 
 def build_feature_shard(spec: str) -> dict[str, Any]:
@@ -214,11 +214,9 @@ def finish_features(plan_uri: str, parent_run_id: str | None = None) -> tuple[Pa
     run = _tracked(parent_run_id, "features", params={"features": plan.config, "corpus": plan.audio_root,
                                                       "shards": len(plan)})
     with run or nullcontext():
-        stats = finish_store(plan)
+        report = finish_store(plan)
         if run:
-            meta = json.loads((out / "stats.json").read_text())
-            run.log_metrics({"norm_mean": stats.mean, "norm_std": stats.std, "quarantined": meta["quarantined"],
-                             **{f"clips_{k}": v for k, v in meta["counts"].items()}}, step=0)
+            run.log_metrics(report.metrics(), step=0)
             run.log_artifact(str(out / "stats.json"))
             run.log_artifact(str(out / "quarantine.parquet"))
     return out, (run.run_id if run else None)

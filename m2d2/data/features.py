@@ -56,7 +56,8 @@ from m2d2.data.shards import (
 log = logging.getLogger(__name__)
 
 __all__ = ["COMPLETE_FILE", "INDEX_SCHEMA", "QUARANTINE_FILE", "QUARANTINE_SCHEMA", "STATS_FILE", "FeatureConfig",
-           "LogMelStore", "extract_features", "fetch_shard", "finish_store", "plan_store", "read_plan", "fetch_shards", "load_norm_stats", "store_report"]
+           "LogMelStore", "extract_features", "fetch_shard", "fetch_shards", "finish_store", "load_norm_stats",
+           "plan_store", "read_plan", "store_plan_uri", "store_report"]
 
 _CHUNK = 16 * 2**20
 
@@ -70,23 +71,28 @@ def plan_store(manifest: str | Path, corpus_root: str | Path, out_dir: str | Pat
     plan = plan_shards(str(manifest), str(out_dir), str(corpus_root), config or FeatureConfig(), tuple(splits))
     if not plan.split_sizes.get("train"):
         raise ValueError(f"{manifest} has no 'train' rows: the normalisation statistics need training clips")
-    io.atomic_write_bytes(io.join(str(out_dir), PLAN_FILE), plan.to_json().encode())
+    io.atomic_write_bytes(store_plan_uri(out_dir), plan.to_json().encode())
     return plan
 
 
-def read_plan(plan_uri: str) -> ShardPlan:
-    return ShardPlan.from_json(io.read_bytes(plan_uri).decode())
+def store_plan_uri(store: str | Path) -> str:
+    """Where :func:`plan_store` writes the plan of the store at ``store``."""
+    return io.join(str(store), PLAN_FILE)
 
 
-def finish_store(plan: ShardPlan) -> NormStats:
-    """Finalise a store whose shards are all committed; its normalisation statistics."""
+def read_plan(uri: str) -> ShardPlan:
+    return ShardPlan.from_json(io.read_bytes(uri).decode())
+
+
+def finish_store(plan: ShardPlan) -> StoreReport:
+    """Finalise a store whose shards are all committed; its report (normalisation statistics, counts)."""
     report = finalize_store(plan)
     log.info("feature store %s: %d shards, clips %s, %d quarantined", plan.store_uri, len(plan), report.counts,
              report.quarantined)
     if not report.counts.get("train"):
         raise ValueError(f"no training clip could be decoded from {plan.manifest_uri} (see {QUARANTINE_FILE})")
     assert report.norm_stats is not None
-    return report.norm_stats
+    return report
 
 
 def extract_features(
@@ -119,7 +125,7 @@ def extract_features(
         for k in tqdm(range(len(plan)), desc="log-mel shards", unit="shard", disable=not progress, leave=False):
             built += build_shard(plan, k, progress=progress).status == "built"
     log.info("feature store %s: %d of %d shards built now", out_dir, built, len(plan))
-    return finish_store(plan)
+    return finish_store(plan).norm_stats
 
 
 def _build_single_threaded(plan_json: str, k: int) -> ShardResult:

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from m2d2.data.loader import CropLoader, EpochOrder, ShuffledOrder
+from m2d2.data.loader import CropLoader, EpochOrder
 from m2d2.train.checkpoint import CheckpointManager
 from m2d2.train.config import TrainStageConfig
 from m2d2.train.objectives import EXPORT_DIR, Objective
@@ -310,7 +310,7 @@ def _train(cfg: TrainStageConfig, objective: Objective, dataset, out_dir: Path, 
     from tqdm import tqdm
 
     rank, world = init_distributed(cfg.timeout_minutes)
-    loader = CropLoader(dataset, cfg.global_batch, order or ShuffledOrder(len(dataset), cfg.seed), rank, world,
+    loader = CropLoader(dataset, cfg.global_batch, order, rank, world,
                         num_workers=cfg.num_workers, seed=cfg.seed, pin_memory=torch.cuda.is_available(),
                         prefetch_factor=cfg.prefetch_factor)
     steps_per_epoch = loader.steps_per_epoch
