@@ -8,8 +8,11 @@
 # of the CUDA build). The rest uses the same exact pins as CI (constraints/cpu.txt), as in the trainer image.
 # DeepSpeed is a project dependency, so it is installed here too (pure-Python wheel, DS_BUILD_OPS=0), but these
 # tasks never start a DeepSpeed engine.
+#
+# Base image: tag for the reader, digest for the build (k8s/components/images is the table of pins;
+# k8s/pin-images.sh resolves and writes the digests).
 
-FROM python:3.11.14-slim-bookworm AS build
+FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d AS build
 
 ARG TORCH_VERSION=2.11.0
 ARG TORCHAUDIO_VERSION=2.11.0
@@ -45,7 +48,7 @@ RUN pip install --no-deps . \
     && DS_ACCELERATOR=cpu python -c "import deepspeed, flytekit, mlflow, torchaudio, m2d2, workflows; print(deepspeed.__version__)"
 
 # ---------------------------------------------------------------------------------------------------------------
-FROM python:3.11.14-slim-bookworm AS cpu
+FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d AS cpu
 
 # Same fixed uid/gid 10001 as the trainer image (k8s PodTemplates run every task pod as 10001).
 RUN groupadd --gid 10001 m2d2 \

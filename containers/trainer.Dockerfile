@@ -26,10 +26,12 @@
 # Enabling an optimizer in the DeepSpeed config, or CPU/NVMe offload, would need ops: build them in a
 # nvidia/cuda:13.0.2-cudnn-devel-ubuntu24.04 stage with DS_BUILD_<OP>=1 and TORCH_CUDA_ARCH_LIST set.
 
+# Base images: tag for the reader, digest for the build (k8s/components/images is the table of pins; k8s/pin-images.sh
+# resolves and writes the digests). uv has no digest yet: TODO(pin-images).
 FROM ghcr.io/astral-sh/uv:0.13.9 AS uv
 
 # ---------------------------------------------------------------------------------------------------------------
-FROM nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04 AS build
+FROM nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04@sha256:14d94b039cb94bbd5da559f303b46bc4b0d5d6c24ab1a9d7b186e566ed3400dc AS build
 
 ARG PYTHON_VERSION=3.11.14
 ARG TORCH_CUDA=cu130
@@ -76,7 +78,7 @@ RUN pip install --no-deps . \
     && DS_ACCELERATOR=cpu python -c "import deepspeed, flytekit, mlflow, torchaudio, m2d2, workflows; print(deepspeed.__version__)"
 
 # ---------------------------------------------------------------------------------------------------------------
-FROM nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04 AS trainer
+FROM nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04@sha256:14d94b039cb94bbd5da559f303b46bc4b0d5d6c24ab1a9d7b186e566ed3400dc AS trainer
 
 # Fixed uid/gid 10001: pods set runAsUser/runAsGroup/fsGroup 10001 (k8s/base/tasks/podtemplates.yaml).
 RUN groupadd --gid 10001 m2d2 \

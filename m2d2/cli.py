@@ -11,6 +11,11 @@ from pathlib import Path
 
 SUMMARY_FILE = "latest-summary.json"
 INDEX_DIR = ".m2d2-index"  # m2d2.inference.INDEX_DIR, repeated so that `m2d2 -h` imports no torch
+# Decoding limits of the audio commands, repeated for the same reason: m2d2.inference.SEARCH_MAX_SECONDS,
+# m2d2.audio.decode.DEFAULT_MAX_CHANNELS and DEFAULT_MAX_FILE_MB.
+MAX_SECONDS = 600.0
+MAX_CHANNELS = 8
+MAX_FILE_MB = 512.0
 
 
 def _embedder(model_dir: str):
@@ -19,22 +24,84 @@ def _embedder(model_dir: str):
     return Embedder.from_pretrained(model_dir)
 
 
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow a text encoder that ships Python code (NV-Embed-v2) to run it; needs "
+                             "--remote-code-sha256 (also: M2D2_TRUST_REMOTE_CODE=1)")
+    parser.add_argument("--remote-code-sha256", metavar="DIGEST",
+                        help="digest of the code files you reviewed (also: M2D2_REMOTE_CODE_SHA256); a refusal "
+                             "prints the digest it found")
+
+
+def _apply_model_options(args: argparse.Namespace) -> None:
+    """The user's permission for remote code reaches the text encoder through the environment it reads."""
+    if getattr(args, "trust_remote_code", False):
+        os.environ["M2D2_TRUST_REMOTE_CODE"] = "1"
+    if getattr(args, "remote_code_sha256", None):
+        os.environ["M2D2_REMOTE_CODE_SHA256"] = args.remote_code_sha256
+
+
+def _add_decode_limits(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-seconds", type=float, default=MAX_SECONDS,
+                        help="use only the first N seconds of each file (0: all of it; default %(default)g)")
+    parser.add_argument("--max-channels", type=int, default=MAX_CHANNELS,
+                        help="skip files with more channels (default %(default)d)")
+    parser.add_argument("--max-file-mb", type=float, default=MAX_FILE_MB,
+                        help="skip larger files without reading them (default %(default)g MiB)")
+
+
+def _limits(args: argparse.Namespace) -> dict:
+    return {"max_seconds": args.max_seconds if args.max_seconds > 0 else None, "max_file_mb": args.max_file_mb,
+            "max_channels": args.max_channels}
+
+
+def _skip(path: str, reason: str) -> None:
+    print(f"skipped {path}: {reason}", file=sys.stderr)
+
+
+def _load_or_skip(path: str, sample_rate: int, args: argparse.Namespace):
+    """The file's mono waveform, or None after one ``skipped <path>: <reason>`` line on stderr: a missing,
+    unreadable, undecodable or oversized file is bad input, reported without a traceback."""
+    from m2d2.audio import AudioDecodeError, decode_audio
+
+    limits = _limits(args)
+    try:
+        decoded = decode_audio(path, sample_rate, **limits)
+    except (AudioDecodeError, OSError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            _skip(path, "not a regular file" if os.path.exists(path) else "no such file")
+        else:
+            _skip(path, str(exc) if isinstance(exc, AudioDecodeError) else f"cannot read it: {exc.strerror or exc}")
+        return None
+    if decoded.capped:
+        print(f"note: {path}: only the first {limits['max_seconds']:g} s of {decoded.duration_s:.1f} s are used "
+              "(--max-seconds)", file=sys.stderr)
+    return decoded.wave
+
+
 def cmd_embed(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from m2d2.audio import load_audio
-
     embedder = _embedder(args.model)
+    failed = 0
     for path in args.files:
-        wave = load_audio(path, embedder.sample_rate)
+        wave = _load_or_skip(path, embedder.sample_rate, args)
+        if wave is None:
+            failed += 1
+            continue
         timestamps = None
-        if args.kind == "clap":
-            out = embedder.clap_audio([wave])[0]
-        elif args.kind == "frames":
-            frames = embedder.frames([wave])[0]
-            out, timestamps = frames.features, frames.timestamps
-        else:
-            out = embedder.clip_features([wave])[0]
+        try:
+            if args.kind == "clap":
+                out = embedder.clap_audio([wave])[0]
+            elif args.kind == "frames":
+                frames = embedder.frames([wave])[0]
+                out, timestamps = frames.features, frames.timestamps
+            else:
+                out = embedder.clip_features([wave])[0]
+        except ValueError as exc:  # e.g. shorter than one analysis window
+            _skip(path, str(exc))
+            failed += 1
+            continue
         array = out.numpy()
         if args.out:
             target = Path(args.out) / (Path(path).stem + f".{args.kind}.npy")
@@ -45,26 +112,35 @@ def cmd_embed(args: argparse.Namespace) -> int:
             print(f"{path}: {args.kind} {tuple(array.shape)} -> {target}")
         else:
             print(f"{path}: {args.kind} {tuple(array.shape)}")
-    return 0
+    return 1 if failed else 0
 
 
 def cmd_zeroshot(args: argparse.Namespace) -> int:
     import torch.nn.functional as F
 
-    from m2d2.audio import load_audio
     from m2d2.eval.prompts import PromptRule, class_prompts
 
     embedder = _embedder(args.model)
     labels = [label.strip() for label in args.labels.split(",") if label.strip()]
     prompts = class_prompts(PromptRule(args.template) if args.template else args.task, labels)
     text = F.normalize(embedder.clap_text(prompts), dim=-1)
+    failed = 0
     for path in args.files:
-        audio = F.normalize(embedder.clap_audio([load_audio(path, embedder.sample_rate)]), dim=-1)
+        wave = _load_or_skip(path, embedder.sample_rate, args)
+        if wave is None:
+            failed += 1
+            continue
+        try:
+            audio = F.normalize(embedder.clap_audio([wave]), dim=-1)
+        except ValueError as exc:  # e.g. shorter than one analysis window
+            _skip(path, str(exc))
+            failed += 1
+            continue
         scores = (audio @ text.T)[0]
         best = scores.argsort(descending=True)[: args.top]
         ranked = ", ".join(f"{labels[i]} ({scores[i]:.3f})" for i in best.tolist())
         print(f"{path}: {ranked}")
-    return 0
+    return 1 if failed else 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -73,14 +149,18 @@ def cmd_search(args: argparse.Namespace) -> int:
     if not args.model:
         print("m2d2 search: give --model or set M2D2_MODEL", file=sys.stderr)
         return 2
-    result = search_folder(_embedder(args.model), args.query, args.dir, top=args.top, cache_dir=args.cache)
+    if not args.dir.is_dir():
+        print(f"m2d2 search: {args.dir} is not a directory", file=sys.stderr)
+        return 2
+    result = search_folder(_embedder(args.model), args.query, args.dir, top=args.top, cache_dir=args.cache,
+                           **_limits(args))
     for path, reason in result.skipped:
-        print(f"skipped {path}: {reason}", file=sys.stderr)
+        _skip(str(path), reason)
     for rank, (path, score) in enumerate(result.hits, 1):
         print(f"{rank:3d}  {score:+.4f}  {path.relative_to(args.dir)}")
     print(f"{len(result.hits)} shown of {result.cached + result.embedded} files ({result.cached} cached, "
           f"{result.embedded} embedded, {len(result.skipped)} skipped)", file=sys.stderr)
-    return 0 if result.hits or not result.skipped else 1
+    return 1 if result.skipped else 0
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
@@ -88,7 +168,9 @@ def cmd_summary(args: argparse.Namespace) -> int:
     if not path.exists():
         print(f"no pipeline summary at {path}; run `make demo` first", file=sys.stderr)
         return 1
-    summary = json.loads(path.read_text())
+    from m2d2.redaction import redact
+
+    summary = redact(json.loads(path.read_text()))  # a file written before masking may still hold a password
     metrics = summary["metrics"]
     print(f"MLflow parent run: {summary['mlflow_parent_run_id']}  (tracking URI {summary.get('tracking_uri')})")
     print(f"cache hits: {', '.join(s for s, hit in summary['cache_hits'].items() if hit) or 'none'}")
@@ -128,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     embed.add_argument("--model", required=True, help="directory (or s3:// prefix) written by save_pretrained")
     embed.add_argument("--kind", choices=["clip", "frames", "clap"], default="clip")
     embed.add_argument("--out", help="write <stem>.<kind>.npy files here")
+    _add_decode_limits(embed)
+    _add_model_options(embed)
     embed.set_defaults(func=cmd_embed)
     zeroshot = sub.add_parser("zeroshot", help="rank labels for audio files with the CLAP branch")
     zeroshot.add_argument("files", nargs="+")
@@ -137,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
                           help="caption rule of the paper's Table VI (default, esc50, gtzan, nsynth, cremad, ...)")
     zeroshot.add_argument("--template", help="a caption template with one {} (overrides --task)")
     zeroshot.add_argument("--top", type=int, default=3)
+    _add_decode_limits(zeroshot)
+    _add_model_options(zeroshot)
     zeroshot.set_defaults(func=cmd_zeroshot)
     search = sub.add_parser("search", help="rank the audio files of a folder for a text query (CLAP)")
     search.add_argument("dir", type=Path, help="folder searched recursively for audio files")
@@ -145,12 +231,29 @@ def main(argv: list[str] | None = None) -> int:
                         help="exported model directory (default: $M2D2_MODEL)")
     search.add_argument("--top", type=int, default=10)
     search.add_argument("--cache", type=Path, help=f"embedding index (default: DIR/{INDEX_DIR})")
+    _add_decode_limits(search)
+    _add_model_options(search)
     search.set_defaults(func=cmd_search)
     summary = sub.add_parser("summary", help="headline numbers of the last pipeline execution")
     summary.add_argument("--data-root", default="runs")
     summary.set_defaults(func=cmd_summary)
     args = parser.parse_args(argv)
-    return args.func(args)
+    _apply_model_options(args)
+    try:
+        return args.func(args)
+    except (PermissionError, ValueError) as exc:
+        # A model the user pointed at that cannot be used as it is (remote code not allowed, a path leaving the
+        # export, damaged weights): one line, not a traceback. Other errors are bugs and keep theirs.
+        from m2d2.io import UnsafePathError
+        from m2d2.text.encoders import RemoteCodeRefused
+        from m2d2.weights import CheckpointFormatError
+
+        if not isinstance(exc, RemoteCodeRefused | UnsafePathError | CheckpointFormatError):
+            raise
+        from m2d2.redaction import redact_url
+
+        print(f"m2d2 {args.command}: {redact_url(str(exc))}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ pipeline trains. Three rules:
 * the config comes from the tensors' shapes, or is passed in and checked against them; never from a path;
 * ``pos_embed`` is always the checkpoint's own table: the 1001-frame releases hold a time-stretched 38-column
   sin-cos table, up to ~2.0 away from sin-cos evaluated on 62 columns (fact sheet 1.3);
-* files are read without running pickled code (``torch.load(weights_only=True)``, or safetensors).
+* files are read without running pickled code (``torch.load(weights_only=True)``, or safetensors); a file that
+  is damaged or would need code to load fails with one :class:`CheckpointFormatError` naming it. The readers
+  (:func:`read_safetensors`, :func:`torch_load_weights`) are shared with exports and training checkpoints.
 
 Key names and layouts live in :mod:`m2d2.models.reference_layout`.
 """
@@ -15,15 +17,12 @@ Key names and layouts live in :mod:`m2d2.models.reference_layout`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import logging
 import os
-import pickle
 import sys
-import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +39,13 @@ from m2d2.models.config import (
 )
 from m2d2.models.model import M2D2
 from m2d2.models.reference_layout import LAYOUT_HELP, LAYOUTS, MappedState, key_list, to_m2d2, unwrap
+from m2d2.weights import (  # noqa: F401 (re-exported: convert's errors are these)
+    CheckpointFormatError,
+    UnsafeCheckpointError,
+    local_copy,
+    read_safetensors,
+    torch_load_weights,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +60,6 @@ PREDICTOR_HEAD_DIM = 32
 TEXT_HEAD_DIM = 64
 # Parts a checkpoint may lack as a whole; they keep their (seeded) initialisation and are reported.
 OPTIONAL_PARTS = ("audio_proj.", "text_proj.", "logit_scale", "text_encoder.")
-
-
-class UnsafeCheckpointError(ValueError):
-    """A file that can only be read by executing arbitrary pickled Python objects."""
 
 
 @dataclass
@@ -91,54 +93,11 @@ class Conversion:
         return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- reading
-@contextlib.contextmanager
-def _local_file(src: str | os.PathLike) -> Iterator[Path]:
-    if io.is_local(src):
-        path = io.local_path(src)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {src} does not exist")
-        yield path
-        return
-    import fsspec
-
-    with tempfile.TemporaryDirectory() as tmp:
-        fs, remote = fsspec.core.url_to_fs(str(src))
-        path = Path(tmp) / Path(remote).name
-        fs.get(remote, str(path))
-        yield path
-
-
-def _torch_load(path: Path) -> object:
-    try:
-        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        try:
-            needed = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-        except Exception:  # not a zip checkpoint: the scan is impossible, the refusal stands
-            needed = []
-        allowed = {f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS}
-        needed = [g for g in needed if g not in allowed]
-        if needed:
-            raise UnsafeCheckpointError(
-                f"{path}: refusing to unpickle: the file needs Python objects beyond tensors and containers "
-                f"({', '.join(needed)}). Only weights are read from checkpoints; re-save its state dict "
-                "(torch.save(model.state_dict()) or safetensors) where you trust the file."
-            ) from exc
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UnsafeCheckpointError(f"{path}: cannot be read as weights only ({first})") from exc
-
-
 def load_state(src: str | os.PathLike) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Weights of a ``.pth`` / ``.safetensors`` file (local path or URI) and its non-weight top-level entries."""
-    with _local_file(src) as path:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj: object = load_file(str(path))
-        else:
-            obj = _torch_load(path)
+    with local_copy(src) as path:
+        name = os.fspath(path) if io.is_local(src) else str(src)  # a download's temporary path means nothing
+        obj = read_safetensors(path, name) if path.suffix == ".safetensors" else torch_load_weights(path, name, SAFE_GLOBALS)
     return unwrap(obj)
 
 
@@ -386,8 +345,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
         result = convert(args.checkpoint, config, layout=args.layout, tokenizer=args.tokenizer,
                          norm_stats=tuple(args.norm_stats) if args.norm_stats else None, drop=args.drop)
         result.model.save_pretrained(args.out_dir)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"m2d2 convert: error: {exc}", file=sys.stderr)
+    except (ValueError, OSError) as exc:  # CheckpointFormatError is a ValueError; OSError: missing, unreadable
+        from m2d2.redaction import redact_url  # the checkpoint may be named by a URL with credentials
+
+        print(f"m2d2 convert: error: {redact_url(' '.join(str(exc).split()))}", file=sys.stderr)
         return 1
     print(result.summary())
     print(f"saved to {args.out_dir}")

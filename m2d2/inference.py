@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,10 @@ import pyarrow.parquet as pq
 import torch
 
 from m2d2 import io
+from m2d2.audio import DEFAULT_MAX_CHANNELS, DEFAULT_MAX_FILE_MB
 from m2d2.models import M2D2
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "AudioInput",
@@ -339,15 +343,27 @@ class EmbeddingCache:
 
 
 def audio_files(folder: str | Path) -> list[Path]:
-    """Audio files under ``folder`` by extension, sorted; hidden files and folders (the index) are skipped."""
+    """Audio files under ``folder`` by extension, sorted; hidden files and folders (the index) are skipped, and
+    so are symbolic links that lead out of ``folder`` (a shared folder must not make search read elsewhere)."""
     root = Path(folder)
     if not root.is_dir():
         raise NotADirectoryError(f"{folder} is not a directory")
-    return sorted(
-        p for p in root.rglob("*")
-        if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS
-        and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    )
+    found = []
+    for p in root.rglob("*"):
+        if not (p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS):
+            continue
+        if any(part.startswith(".") for part in p.relative_to(root).parts):
+            continue
+        if not io.is_within(p, root, resolve=True):
+            log.warning("search: %s links outside %s; skipped", p, root)
+            continue
+        found.append(p)
+    return sorted(found)
+
+
+#: Seconds of each file that search (and the CLI) embed by default: decoding a long file costs memory and time in
+#: proportion to its length, and a CLAP embedding of a long file is the mean over its chunks anyway.
+SEARCH_MAX_SECONDS = 600.0
 
 
 def search_folder(
@@ -357,28 +373,56 @@ def search_folder(
     top: int = 10,
     cache_dir: str | Path | None = None,
     save_every: int = 256,
+    *,
+    max_seconds: float | None = SEARCH_MAX_SECONDS,
+    max_file_mb: float | None = DEFAULT_MAX_FILE_MB,
+    max_channels: int | None = DEFAULT_MAX_CHANNELS,
 ) -> SearchResult:
     """Text-to-audio retrieval over the audio files of ``folder`` by CLAP cosine similarity.
 
     Each file's embedding is computed once per (file content, audio model) and kept in ``cache_dir``
-    (default ``<folder>/.m2d2-index``). Files that cannot be decoded are listed in ``skipped`` with the reason.
+    (default ``<folder>/.m2d2-index``). Only the first ``max_seconds`` of a file are embedded (``None``: all);
+    files over ``max_file_mb`` are not read, and files that cannot be read or decoded, or exceed a decoding limit,
+    are listed in ``skipped`` with the reason.
     """
-    from m2d2.audio import AudioDecodeError, load_audio
+    from m2d2.audio import AudioDecodeError, audio_info, decode_audio, read_audio_file
 
     if top < 1:
         raise ValueError(f"top must be >= 1, got {top}")
+
+    def index_key(data: bytes, digest: str) -> str:
+        """The file's sha256, or for a file longer than ``max_seconds`` a key of (sha256, cap): an embedding of
+        a shorter prefix must not answer for a search that embeds more."""
+        if max_seconds is None:
+            return digest
+        try:
+            info = audio_info(data)
+        except AudioDecodeError:
+            return digest  # decoding will fail too, with the reason
+        if info.frames <= math.ceil(max_seconds * info.sample_rate):
+            return digest
+        return hashlib.sha256(f"{digest}:first {max_seconds!r} s".encode()).hexdigest()
+
     cache = EmbeddingCache(cache_dir or Path(folder) / INDEX_DIR, embedder.audio_fingerprint(), embedder.clap_dim)
     paths, vectors, skipped = [], [], []
     cached = embedded = 0
     for path in audio_files(folder):
-        data = path.read_bytes()
-        key = hashlib.sha256(data).hexdigest()
+        try:
+            data, digest = read_audio_file(path, max_file_mb)  # size checked before reading; read once
+        except AudioDecodeError as exc:
+            skipped.append((path, str(exc)))
+            continue
+        except OSError as exc:
+            skipped.append((path, f"cannot read it: {type(exc).__name__}: {exc}"))
+            continue
+        key = index_key(data, digest)
         vector = cache.get(key)
         if vector is None:
-            source = BytesIO(data)  # decode the bytes that were hashed; the name makes errors cite the file
-            source.name = str(path)
-            try:
-                vector = embedder.clap_audio([load_audio(source, embedder.sample_rate)])[0].numpy()
+            try:  # decode the bytes that were hashed; the name makes errors cite the file
+                wave = decode_audio(data, embedder.sample_rate, max_seconds, name=str(path), max_file_mb=max_file_mb,
+                                    max_channels=max_channels).wave
+                del data
+                vector = embedder.clap_audio([wave])[0].numpy()
             except (AudioDecodeError, ValueError) as exc:
                 skipped.append((path, str(exc)))
                 continue

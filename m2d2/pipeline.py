@@ -35,6 +35,8 @@ from m2d2.train.config import TrainStageConfig, stage_preset
 log = logging.getLogger(__name__)
 
 PROMPT_TEMPLATE = "{} can be heard"
+CAPTION_BATCH = 64  # captions per embedding batch (plan_shards' default)
+CAPTION_TOKENS_PER_ROW = 512  # padded tokens per caption that a batch may average: the embedding batch's budget
 
 
 @dataclass
@@ -64,6 +66,13 @@ class PipelineConfig:
     norm_samples: int = 5000
     feature_shard_mb: float = 256.0  # log-mel shard size: the unit of the feature map task and of S3 fetches
     caption_shards: int = 1  # caption-embedding shards: the elements of the embedding map task (one GPU each)
+    # Absolute audio_uri values of the corpus must lie under the corpus directory or under one of these roots
+    # (local paths or s3:// prefixes); see m2d2.data.manifest.AudioAccess.
+    audio_roots: list[str] = field(default_factory=list)
+    # Run the caption encoder's own Python code (NV-Embed-v2 ships its model as remote code). Off unless the user
+    # sets it; then the code files must match remote_code_sha256 (see m2d2.text.encoders.RemoteCodePolicy).
+    trust_remote_code: bool = False
+    remote_code_sha256: str = ""
     corpus: CorpusSettings = field(default_factory=CorpusSettings)
     stage1: TrainStageConfig = field(default_factory=lambda: stage_preset("stage1", "demo"))
     stage11: TrainStageConfig = field(default_factory=lambda: stage_preset("stage1.1", "demo"))
@@ -78,6 +87,8 @@ class PipelineConfig:
                              "and write (on a cluster, the shared volume the PodTemplates mount at /data, e.g. "
                              "/data/m2d2/runs; see k8s/README.md). Object-store URIs work for corpus_source, not "
                              "yet for data_root.")
+        if self.run_key:  # it names a directory under data_root; checkpoints there are pruned
+            io.check_token(self.run_key, "run_key")
         if self.feature_shard_mb <= 0 or self.caption_shards < 1:
             raise ValueError(f"need feature_shard_mb > 0 and caption_shards >= 1, got {self.feature_shard_mb}, "
                              f"{self.caption_shards}")
@@ -186,7 +197,7 @@ def build_corpus(cfg: PipelineConfig) -> Path:
 def _feature_config(cfg: PipelineConfig) -> FeatureConfig:
     crop = cfg.stage1.crop_frames or M2D2Config.preset(cfg.stage1.model_preset).encoder.input_frames
     return FeatureConfig(norm_crop_frames=crop, norm_samples=cfg.norm_samples, seed=cfg.corpus.seed,
-                         shard_mb=cfg.feature_shard_mb)
+                         shard_mb=cfg.feature_shard_mb, audio_roots=tuple(cfg.audio_roots))
 
 
 def plan_features(cfg: PipelineConfig, corpus_dir: str | Path) -> tuple[str, list[str]]:
@@ -238,6 +249,7 @@ def plan_captions(cfg: PipelineConfig, corpus_dir: str | Path) -> tuple[str, lis
     (``<plan>#<k>``, for :func:`embed_caption_shard`, a map task on a cluster). The vectors do not depend on the
     number of shards, so it is not part of the cache's key."""
     from m2d2.text.cache import default_workdir
+    from m2d2.text.encoders import RemoteCodePolicy
     from m2d2.text.shards import plan_shards
 
     text = M2D2Config.preset(cfg.stage1.model_preset).text.offline
@@ -245,8 +257,11 @@ def plan_captions(cfg: PipelineConfig, corpus_dir: str | Path) -> tuple[str, lis
     manifest = pq.read_table(Path(corpus_dir) / "manifest.parquet", columns=["captions", "labels"]).to_pydict()
     captions = {c for caps in manifest["captions"] for c in caps}
     prompts = {cfg.prompt_template.format(label.replace("_", " ")) for labels in manifest["labels"] for label in labels}
-    # bucket=False: text-ordered batches keep the demo's vectors bit-identical (see m2d2.text.cache.embed_captions)
-    plan = plan_shards(captions | prompts, cfg.caption_shards, text, bucket=False)
+    # bucket=False: text-ordered batches keep the demo's vectors bit-identical (see m2d2.text.cache.embed_captions);
+    # the token budget splits only a batch that one very long caption would pad out.
+    plan = plan_shards(captions | prompts, cfg.caption_shards, text, bucket=False,
+                       max_tokens=CAPTION_BATCH * CAPTION_TOKENS_PER_ROW,
+                       remote_code=RemoteCodePolicy(cfg.trust_remote_code, cfg.remote_code_sha256.strip().lower()))
     plan_uri = str(plan.save(default_workdir(out)))
     return plan_uri, [f"{plan_uri}#{k}" for k in range(plan.n_shards)]
 

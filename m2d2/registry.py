@@ -27,6 +27,7 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 
 from m2d2 import io, tracking
+from m2d2.redaction import redact_url
 
 __all__ = ["RegistrationResult", "metric_tag", "register_model"]
 
@@ -154,12 +155,14 @@ def register_model(
     client = tracking.client()
     incumbent_version, incumbent_value = _incumbent(client, name, alias, primary_metric)
 
+    from m2d2.models.model import EXPORT_FILES
+
     with tempfile.TemporaryDirectory() as tmp:
-        local = io.local_path(export) if io.is_local(export) else io.download_dir(export, tmp)
+        local = io.local_path(export) if io.is_local(export) else io.download_dir(export, tmp, EXPORT_FILES)
         if run_id is None:
             experiment_id = _experiment_id(client, experiment)
             run = client.create_run(experiment_id, run_name=f"register-{name}",
-                                    tags={tracking.KIND_TAG: "register", EXPORT_TAG: export})
+                                    tags={tracking.KIND_TAG: "register", EXPORT_TAG: redact_url(export)})
             run_id = run.info.run_id
             try:
                 client.log_artifacts(run_id, str(local), ARTIFACT_PATH)
@@ -173,7 +176,8 @@ def register_model(
             client.log_artifacts(run_id, str(local), ARTIFACT_PATH)
 
     tags = {metric_tag(k): repr(float(v)) for k, v in metrics.items()}
-    tags.update({PRIMARY_TAG: primary_metric, DIRECTION_TAG: str(higher_is_better).lower(), EXPORT_TAG: export})
+    tags.update({PRIMARY_TAG: primary_metric, DIRECTION_TAG: str(higher_is_better).lower(),
+                 EXPORT_TAG: redact_url(export)})
     _ensure_registered_model(client, name)
     version = str(client.create_model_version(name, f"runs:/{run_id}/{ARTIFACT_PATH}", run_id=run_id,
                                               tags=tags).version)

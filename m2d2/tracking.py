@@ -11,22 +11,31 @@ every other rank :class:`StageRun` is an inert object, so training code calls it
 
 The tracking URI comes from ``MLFLOW_TRACKING_URI`` (set per task, per ``pyflyte run --env`` or cluster-wide);
 without it runs go to ``sqlite:///mlflow.db`` in the current directory. This module never imports flytekit.
+
+Every param, tag and logged dict passes through :func:`m2d2.redaction.redact` first: a config or the environment
+may hold a URL with credentials (``http://user:pass@host``), and anyone who can read the experiment would see it.
+For the same reason MLflow's own "View run ... at <link>" line, built from the raw tracking URI, is suppressed when
+that URI carries credentials.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag, ViewType
 from mlflow.exceptions import MlflowException
+
+from m2d2.redaction import redact, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +53,8 @@ MAX_TAG_VALUE = 8000
 PARAMS_PER_BATCH = 100
 METRICS_PER_BATCH = 1000
 TRUNCATION_NOTE = "...[truncated]"
+# MLflow prints "View run ... at <link>" on set_terminated unless this is set (it reads it at each call).
+_SUPPRESS_LINK = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 
 _T = TypeVar("_T")
 
@@ -74,6 +85,11 @@ def _quote(value: str) -> str:
     if '"' not in value:
         return f'"{value}"'
     raise ValueError(f"cannot search MLflow for a value with both quote characters: {value!r}")
+
+
+def _clean(value: Any, limit: int, key: str) -> str:
+    """A param or tag value as MLflow stores it: stringified, credentials masked, then cut to ``limit``."""
+    return _truncate(redact_url(str(value)), limit, key)
 
 
 def _truncate(value: str, limit: int, key: str) -> str:
@@ -110,12 +126,12 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 
 def _json_default(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.asdict(obj)
-    return str(obj)
+        return redact(dataclasses.asdict(obj))
+    return redact_url(str(obj))
 
 
 def _tags(tags: Mapping[str, Any] | None) -> list[RunTag]:
-    return [RunTag(str(k), _truncate(str(v), MAX_TAG_VALUE, str(k))) for k, v in (tags or {}).items()]
+    return [RunTag(str(k), _clean(v, MAX_TAG_VALUE, str(k))) for k, v in (tags or {}).items()]
 
 
 def _experiment_id(mlflow: MlflowClient, name: str) -> str:
@@ -179,11 +195,30 @@ def finish_pipeline_run(
     mlflow = client()
     timestamp = _now_ms()
     _log_batch(mlflow, run_id, [Metric(k, float(v), timestamp, 0) for k, v in (metrics or {}).items()], _tags(tags))
-    mlflow.set_terminated(run_id, status=status)
+    _terminate(mlflow, run_id, status)
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+
+
+def _terminate(mlflow: MlflowClient, run_id: str, status: str) -> None:
+    """``set_terminated``, without MLflow's run link on stdout when the tracking URI holds credentials: the link
+    is the raw URI (``http://user:pass@host/#/...``), and stdout ends up in task logs."""
+    quiet = contextlib.nullcontext()
+    if redact_url(mlflow.tracking_uri) != mlflow.tracking_uri and not os.environ.get(_SUPPRESS_LINK):
+        quiet = _env(_SUPPRESS_LINK, "true")
+    with quiet:
+        mlflow.set_terminated(run_id, status=status)
 
 
 def _log_params(mlflow: MlflowClient, run_id: str, params: Any) -> None:
-    items = [Param(key, _truncate(str(value), MAX_PARAM_VALUE, key)) for key, value in flatten(params).items()]
+    items = [Param(key, _clean(value, MAX_PARAM_VALUE, key)) for key, value in flatten(params).items()]
     for chunk in _chunks(items, PARAMS_PER_BATCH):
         mlflow.log_batch(run_id, params=chunk)
 
@@ -277,9 +312,10 @@ class StageRun:
             _log_batch(mlflow, self._run_id, [], _tags(tags))
 
     def log_dict(self, obj: Any, artifact_file: str) -> None:
-        """Write ``obj`` as indented JSON to ``artifact_file``; dataclasses become objects, other types ``str``."""
+        """Write ``obj`` (credentials masked) as indented JSON to ``artifact_file``; dataclasses become objects,
+        other types ``str``."""
         if (mlflow := self._live()) is not None:
-            mlflow.log_text(self._run_id, json.dumps(obj, indent=2, default=_json_default), artifact_file)
+            mlflow.log_text(self._run_id, json.dumps(redact(obj), indent=2, default=_json_default), artifact_file)
 
     def log_artifact(self, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
         if (mlflow := self._live()) is not None:
@@ -297,7 +333,7 @@ class StageRun:
             self.flush()
         finally:
             self._ended = True
-            mlflow.set_terminated(self._run_id, status=status)
+            _terminate(mlflow, self._run_id, status)
 
     def __enter__(self) -> Self:
         return self.start()
@@ -356,16 +392,35 @@ def record_cache_hits(parent_run_id: str, stage_sources: Mapping[str, str | None
 
 
 def run_url(run_id: str) -> str | None:
-    """A link to the run in the MLflow UI when tracking goes to an http(s) server, else None."""
+    """A link to the run in the MLflow UI when tracking goes to an http(s) server (credentials masked), else None."""
     uri = tracking_uri()
     if not uri.startswith(("http://", "https://")):
         return None
     try:
         experiment_id = client().get_run(run_id).info.experiment_id
     except MlflowException:
-        log.warning("Cannot build a UI link: run %s not found at %s", run_id, uri)
+        log.warning("Cannot build a UI link: run %s not found at %s", run_id, redact_url(uri))
         return None
-    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    # A link is for showing: a browser asks for the credentials rather than finding them in a log.
+    return redact_url(f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}")
+
+
+def write_pipeline_summary(data_root: str | os.PathLike, summary: Mapping[str, Any]) -> Path:
+    """Write ``summary`` (credentials masked) as ``<data_root>/summaries/<parent run>.json`` and as the
+    ``latest-summary.json`` that ``m2d2 summary`` reads; returns the first path.
+
+    The summary records the tracking URI, which may carry a password; the files outlive the run and are read by
+    anyone with access to the data root.
+    """
+    from m2d2.cli import SUMMARY_FILE  # the reader's name for the file; cli imports nothing heavy
+    from m2d2.io import atomic_write_bytes
+
+    blob = json.dumps(redact(summary), indent=2).encode()
+    root = Path(data_root)
+    path = root / "summaries" / f"{summary['mlflow_parent_run_id']}.json"
+    atomic_write_bytes(path, blob)
+    atomic_write_bytes(root / SUMMARY_FILE, blob)
+    return path
 
 
 __all__ = [
@@ -380,4 +435,5 @@ __all__ = [
     "run_url",
     "start_pipeline_run",
     "tracking_uri",
+    "write_pipeline_summary",
 ]

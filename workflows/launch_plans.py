@@ -10,7 +10,13 @@ Everything here is read when the module is imported (registration), since Flyte 
 ``M2D2_DATA_ROOT`` (where every step writes), ``M2D2_SNAPSHOTS`` (a prefix of dated corpus snapshots, each a
 directory with ``manifest.parquet``; the scheduled run trains on the newest), ``M2D2_RETRAIN_CRON`` (default
 Sundays 03:00 UTC), ``M2D2_NOTIFY_EMAIL`` / ``M2D2_NOTIFY_SLACK`` (comma-separated recipients of failure and
-success notices; none when unset).
+success notices; none when unset), ``M2D2_REMOTE_CODE_SHA256`` (the digest of NV-Embed-v2's code files that you
+reviewed, printed by ``python -c "from m2d2.text.encoders import remote_code_digest as d; print(d('/models/NV-Embed-v2'))"``).
+
+The paper recipe embeds captions with NV-Embed-v2, which ships its model as Python code in its directory. These
+launch plans are where the project turns that code on (``trust_remote_code=True``), and only for the files whose
+digest you pinned: without ``M2D2_REMOTE_CODE_SHA256`` the caption step refuses to run them and prints the digest
+it found.
 """
 
 from __future__ import annotations
@@ -43,8 +49,12 @@ def notifications() -> list:
     return out
 
 
+REMOTE_CODE_SHA256 = os.environ.get("M2D2_REMOTE_CODE_SHA256", "")
+
+
 def paper_config(**changes) -> PipelineConfig:
-    cfg = PipelineConfig.from_preset("paper", data_root=DATA_ROOT, corpus_source=f"{SNAPSHOTS}/{LATEST}")
+    cfg = PipelineConfig.from_preset("paper", data_root=DATA_ROOT, corpus_source=f"{SNAPSHOTS}/{LATEST}",
+                                     trust_remote_code=True, remote_code_sha256=REMOTE_CODE_SHA256)
     return dataclasses.replace(cfg, **changes)
 
 

@@ -2,6 +2,9 @@
 
 from m2d2.audio.decode import (
     DECODE_ISSUES,
+    DEFAULT_MAX_CHANNELS,
+    DEFAULT_MAX_FILE_MB,
+    DEFAULT_MAX_SAMPLES,
     AudioDecodeError,
     AudioInfo,
     DecodedAudio,
@@ -10,6 +13,7 @@ from m2d2.audio.decode import (
     downmix,
     is_silent,
     load_audio,
+    read_audio_file,
     resample,
 )
 from m2d2.audio.frontend import LogMelConfig, LogMelSpectrogram
@@ -17,6 +21,9 @@ from m2d2.audio.stats import NormStats, compute_norm_stats
 
 __all__ = [
     "DECODE_ISSUES",
+    "DEFAULT_MAX_CHANNELS",
+    "DEFAULT_MAX_FILE_MB",
+    "DEFAULT_MAX_SAMPLES",
     "AudioDecodeError",
     "AudioInfo",
     "DecodedAudio",
@@ -29,5 +36,6 @@ __all__ = [
     "downmix",
     "is_silent",
     "load_audio",
+    "read_audio_file",
     "resample",
 ]

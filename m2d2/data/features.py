@@ -159,7 +159,7 @@ def _cache_dir(cache_dir: str | Path | None) -> Path:
 
 
 def _cached(root: Path, sha256: str, size: int) -> Path | None:
-    target = root / f"{sha256}.npy"
+    target = root / f"{io.check_token(sha256, 'shard sha256', io.SHA256_HEX)}.npy"
     return target if target.is_file() and target.stat().st_size == size else None
 
 
@@ -174,6 +174,8 @@ def fetch_shards(shards: Sequence[tuple[str, str, int]], cache_dir: str | Path |
     """
     root = _cache_dir(cache_dir)
     root.mkdir(parents=True, exist_ok=True)
+    for _, sha, _ in shards:  # cache file names come from the store's marker files: outside input
+        io.check_token(sha, "shard sha256", io.SHA256_HEX)
     todo = sorted({(uri, sha, size) for uri, sha, size in shards if _cached(root, sha, size) is None},
                   key=lambda item: item[1])
     temps: dict[str, Path] = {}

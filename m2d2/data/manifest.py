@@ -9,7 +9,10 @@ Fields (``MANIFEST_SCHEMA``):
 - ``clip_id``: unique, ``<source>:<dataset key>`` for the adapters (e.g. ``vggsound:--0PQM4-hqg_000030``).
 - ``source``: the dataset (``audioset``, ``vggsound``, ``wavcaps``, ``audiocaps``, ``clotho``, ``esc50``, ``us8k``,
   ``demo``, ...); training stages select subsets by it.
-- ``audio_uri``: a local path, an ``s3://`` URI, or a path relative to the ``audio_root`` given to ingestion.
+- ``audio_uri``: a path relative to the ``audio_root`` given to ingestion (the usual case), or an absolute path or
+  URI under ``audio_root`` or under one of the roots an :class:`AudioAccess` allows; schemes are ``file`` and
+  ``s3`` unless the user allows more. A manifest is outside input: ``..``, other schemes (``http://``, an
+  instance-metadata address) and absolute paths elsewhere are quarantined, never read.
 - ``duration_s``, ``sample_rate``, ``channels``: from the file header, or null when not probed yet
   (:func:`probe_manifest` fills them); a metadata duration is only a planning estimate.
 - ``captions``, ``labels``: lists (possibly empty) of non-empty strings.
@@ -23,13 +26,13 @@ Fields (``MANIFEST_SCHEMA``):
 
 from __future__ import annotations
 
-import hashlib
 import io as _io
 import logging
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -63,6 +66,8 @@ NULLABLE = frozenset({"duration_s", "sample_rate", "channels", "content_hash", "
 SPLIT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 HASH_RE = re.compile(r"^[0-9a-f]{64}$")
 MAX_REPORTED = 20
+MAX_CAPTION_CHARS = 2000  # longer "captions" are scraped pages, not captions; one would pad its embedding batch
+MAX_CAPTIONS_PER_CLIP = 100
 ROW_GROUP_SIZE = 10_000  # small row groups let a shard task read only its rows of a large manifest
 
 
@@ -197,6 +202,19 @@ def validate_manifest(table: pa.Table) -> pa.Table:
                values)
     for name in ("captions", "labels"):
         report(_bad_list_elements(table.column(name)), name, "must be a list of non-empty strings")
+    captions = table.column("captions")
+    longest = pc.fill_null(pc.list_value_length(captions), 0).to_numpy(zero_copy_only=False)
+    report(np.asarray(longest > MAX_CAPTIONS_PER_CLIP, dtype=bool), "captions",
+           f"must hold at most {MAX_CAPTIONS_PER_CLIP} captions", longest.tolist())
+    flat_lengths = pc.fill_null(pc.utf8_length(pc.list_flatten(captions)), 0).to_numpy(zero_copy_only=False)
+    too_long = np.zeros(table.num_rows, dtype=bool)
+    if len(flat_lengths):
+        parents = pc.list_parent_indices(captions).to_numpy(zero_copy_only=False)
+        too_long[parents[flat_lengths > MAX_CAPTION_CHARS]] = True
+    report(too_long, "captions", f"must hold captions of at most {MAX_CAPTION_CHARS} characters")
+    uris = table.column("audio_uri").to_pylist()
+    report(np.array([bool(u) and ("\x00" in u or ".." in u.split("/")) for u in uris], dtype=bool), "audio_uri",
+           "must not contain '..' parts or NUL characters", uris)
     hashes = table.column("content_hash").to_pylist()
     report(np.array([h is not None and not HASH_RE.match(h) for h in hashes], dtype=bool), "content_hash",
            "must be null or 64 lower-case hex digits (sha256)", hashes)
@@ -222,33 +240,98 @@ def write_manifest(table: pa.Table, uri: str) -> pa.Table:
     return table
 
 
-def resolve_audio_uri(audio_uri: str, audio_root: str) -> str:
-    """An absolute path or URI as is; a relative one joined onto ``audio_root``."""
-    if "://" in audio_uri or audio_uri.startswith("/") or not audio_root:
-        return audio_uri
-    return io.join(audio_root, *audio_uri.split("/"))
+@dataclass(frozen=True)
+class AudioAccess:
+    """Where the ``audio_uri`` values of a manifest may point; a manifest is outside input.
+
+    A relative ``audio_uri`` is normalised and must stay under ``audio_root``. An absolute one (a path or a URI)
+    must lie under ``audio_root`` or under one of ``roots``, which the user names explicitly (e.g. the mount of
+    a dataset that adapters wrote absolute paths for). Only ``schemes`` are read (``file`` = local paths), so a
+    manifest cannot make a task pod fetch ``http://169.254.169.254/...`` or any other fsspec protocol.
+    """
+
+    schemes: tuple[str, ...] = ("file", "s3")
+    roots: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "schemes", tuple(s.lower() for s in self.schemes))
+        object.__setattr__(self, "roots", tuple(str(r) for r in self.roots))
 
 
-def _probe_one(uri: str) -> tuple[float | None, int | None, int | None, str | None, str | None]:
+def _scheme(uri: str) -> str:
+    return uri.split("://", 1)[0].lower() if "://" in uri else "file"
+
+
+def resolve_audio_uri(audio_uri: str, audio_root: str, access: AudioAccess | None = None) -> str:
+    """The location of ``audio_uri``: joined onto ``audio_root`` when relative, else checked against the roots
+    ``access`` allows. Raises :class:`~m2d2.io.UnsafePathError` (a quarantine reason at ingestion) otherwise."""
+    access = access or AudioAccess()
+    scheme = _scheme(audio_uri)
+    if scheme not in access.schemes:
+        raise io.UnsafePathError(f"audio_uri {audio_uri!r} uses the scheme {scheme!r}; allowed: "
+                                 f"{list(access.schemes)} (AudioAccess.schemes)")
+    if "://" not in audio_uri and not audio_uri.startswith("/"):
+        if not audio_root:
+            raise io.UnsafePathError(f"audio_uri {audio_uri!r} is relative and no audio_root was given")
+        return io.confine(audio_root, audio_uri, "audio_uri")
+    uri = io.normalise(audio_uri)
+    roots = ([audio_root] if audio_root else []) + list(access.roots)
+    if not any(io.is_within(uri, root) for root in roots):
+        raise io.UnsafePathError(
+            f"audio_uri {audio_uri!r} is absolute and lies outside the audio root {audio_root!r}"
+            + (f" and the allowed roots {list(access.roots)}" if access.roots else "")
+            + "; write it relative to the audio root, or allow its root explicitly (AudioAccess.roots, "
+              "the pipeline setting audio_roots)")
+    return uri
+
+
+PROBE_MAX_FILE_MB = 512.0  # m2d2.audio.decode.DEFAULT_MAX_FILE_MB; repeated so this module imports no torch
+
+
+def _probe_one(uri: str, max_file_mb: float | None = PROBE_MAX_FILE_MB
+               ) -> tuple[float | None, int | None, int | None, str | None, str | None]:
+    """Duration, rate, channels, sha256 and error of one file, holding one block of it at a time.
+
+    Probing runs several files at once, so reading whole files would hold the largest few together; the hash is
+    streamed instead and the header read on its own (a few KB). A file over ``max_file_mb`` is not hashed.
+    """
     from m2d2.audio import AudioDecodeError, audio_info
 
     try:
-        data = io.read_bytes(uri)
-    except (FileNotFoundError, OSError) as exc:
+        digest, _ = io.sha256_limited(uri, None if max_file_mb is None else int(max_file_mb * 2**20))
+    except io.FileTooLargeError as exc:
+        return None, None, None, None, (f"audio {uri} is {exc.size / 2**20:.1f} MiB, over the file size limit of "
+                                        f"{max_file_mb:g} MiB (setting max_file_mb)")
+    except OSError as exc:
         return None, None, None, None, f"{type(exc).__name__}: {exc}"
-    digest = hashlib.sha256(data).hexdigest()
     try:
-        info = audio_info(data)
-    except AudioDecodeError as exc:
+        if io.is_local(uri):
+            info = audio_info(str(io.local_path(uri)))
+        else:
+            with io.open_binary(uri) as handle:
+                info = audio_info(handle)
+    except (AudioDecodeError, OSError) as exc:
         return None, None, None, digest, str(exc)
     return info.duration_s, info.sample_rate, info.channels, digest, None
 
 
-def probe_manifest(table: pa.Table, audio_root: str = "", workers: int = 8, progress: bool = True) -> pa.Table:
+def _probe_row(audio_uri: str, audio_root: str, max_file_mb: float | None, access: AudioAccess | None = None
+               ) -> tuple[float | None, int | None, int | None, str | None, str | None]:
+    try:
+        uri = resolve_audio_uri(audio_uri, audio_root, access)
+    except ValueError as exc:  # a location the manifest may not name: left for ingestion to quarantine
+        return None, None, None, None, str(exc)
+    return _probe_one(uri, max_file_mb)
+
+
+def probe_manifest(table: pa.Table, audio_root: str = "", workers: int = 8, progress: bool = True,
+                   max_file_mb: float | None = PROBE_MAX_FILE_MB, access: AudioAccess | None = None) -> pa.Table:
     """Fill null ``duration_s``/``sample_rate``/``channels``/``content_hash`` from the files (header + sha256).
 
-    Files that cannot be read keep their nulls (they are logged here and quarantined, with their reason, when
-    the store is built); nothing is dropped.
+    Files that cannot be read, or are larger than ``max_file_mb``, keep their nulls (they are logged here and
+    quarantined, with their reason, when the store is built); nothing is dropped. Each worker holds one block of
+    one file, so memory does not grow with file sizes. ``access`` says where ``audio_uri`` values may point
+    (see :class:`AudioAccess`); rows pointing elsewhere are not read.
     """
     table = validate_manifest(table)
     todo = [i for i, (d, h) in enumerate(zip(table.column("duration_s").to_pylist(),
@@ -261,7 +344,7 @@ def probe_manifest(table: pa.Table, audio_root: str = "", workers: int = 8, prog
                                                                   "content_hash")}
     failures = 0
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = pool.map(lambda i: _probe_one(resolve_audio_uri(uris[i], audio_root)), todo)
+        results = pool.map(lambda i: _probe_row(uris[i], audio_root, max_file_mb, access), todo)
         for i, (duration, rate, channels, digest, error) in tqdm(zip(todo, results, strict=True), total=len(todo),
                                                                   desc="probe audio", unit="file",
                                                                   disable=not progress, leave=False):

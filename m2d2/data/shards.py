@@ -46,8 +46,19 @@ import torch
 from tqdm import tqdm
 
 from m2d2 import io
-from m2d2.audio import AudioDecodeError, LogMelConfig, LogMelSpectrogram, NormStats, decode_audio, is_silent
-from m2d2.data.manifest import resolve_audio_uri, validate_manifest
+from m2d2.audio import (
+    DEFAULT_MAX_CHANNELS,
+    DEFAULT_MAX_FILE_MB,
+    DEFAULT_MAX_SAMPLES,
+    AudioDecodeError,
+    LogMelConfig,
+    LogMelSpectrogram,
+    NormStats,
+    decode_audio,
+    is_silent,
+    read_audio_file,
+)
+from m2d2.data.manifest import AudioAccess, resolve_audio_uri, validate_manifest
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +114,25 @@ class FeatureConfig:
     # their log-mel is a constant log(eps), teaches M2D nothing, pairs a caption with nothing and drags the
     # normalisation mean down. None keeps them.
     silence_dbfs: float | None = -90.0
+    # Decoding limits (None = none): larger files, more channels, or more decoded samples (frames x channels of
+    # the kept max_seconds) are quarantined as too_large / too_many_channels instead of exhausting the task's
+    # memory. See m2d2.audio.decode.
+    max_file_mb: float | None = DEFAULT_MAX_FILE_MB
+    max_channels: int | None = DEFAULT_MAX_CHANNELS
+    max_samples: int | None = DEFAULT_MAX_SAMPLES
+    # Where manifest audio_uri values may point (see m2d2.data.manifest.AudioAccess): relative names under the
+    # audio root; absolute ones only under the audio root or these roots; only these schemes. Others are
+    # quarantined as unsafe_uri, never read.
+    audio_schemes: tuple[str, ...] = AudioAccess.schemes
+    audio_roots: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:  # JSON gives lists back
+        object.__setattr__(self, "audio_schemes", tuple(self.audio_schemes))
+        object.__setattr__(self, "audio_roots", tuple(self.audio_roots))
+
+    @property
+    def audio_access(self) -> AudioAccess:
+        return AudioAccess(self.audio_schemes, self.audio_roots)
 
 
 @dataclass(frozen=True)
@@ -421,24 +451,33 @@ def build_shard(plan: ShardPlan, k: int, progress: bool = True) -> ShardResult:
 
     for j, row in enumerate(tqdm(rows, desc=f"shard {k} ({spec.split})", unit="clip", disable=not progress,
                                  leave=False)):
-        uri = resolve_audio_uri(row["audio_uri"], plan.audio_root)
         try:
-            data = io.read_bytes(uri)
+            uri = resolve_audio_uri(row["audio_uri"], plan.audio_root, cfg.audio_access)
+        except io.UnsafePathError as exc:
+            reject(j, "unsafe_uri", str(exc))
+            continue
+        try:
+            data, digest = read_audio_file(uri, cfg.max_file_mb)  # size checked first; read once, hashed
         except FileNotFoundError:
             reject(j, "missing", f"audio file not found: {uri}")
             continue
         except OSError as exc:
             reject(j, "unreadable", f"cannot read {uri}: {type(exc).__name__}: {exc}")
             continue
-        digest = hashlib.sha256(data).hexdigest()
+        except AudioDecodeError as exc:  # too_large
+            reject(j, exc.kind, str(exc))
+            continue
         if row["content_hash"] and row["content_hash"] != digest:
             reject(j, "hash_mismatch", f"audio {uri} has sha256 {digest}, the manifest says {row['content_hash']}")
             continue
         try:
-            decoded = decode_audio(data, cfg.sample_rate, cfg.max_seconds, name=uri)
+            decoded = decode_audio(data, cfg.sample_rate, cfg.max_seconds, name=uri, max_file_mb=cfg.max_file_mb,
+                                   max_channels=cfg.max_channels, max_samples=cfg.max_samples)
         except AudioDecodeError as exc:
             reject(j, exc.kind, str(exc))
             continue
+        finally:
+            del data  # free the encoded bytes before the front end runs
         if cfg.silence_dbfs is not None and is_silent(decoded.peak, cfg.silence_dbfs):
             level = 20 * math.log10(decoded.peak) if decoded.peak > 0 else -math.inf
             reject(j, "silent", f"audio {uri} is silent: peak {level:.1f} dBFS <= {cfg.silence_dbfs} dBFS")

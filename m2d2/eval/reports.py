@@ -6,18 +6,22 @@ MLflow artefact viewer (which shows HTML in a sandboxed frame that cannot follow
 disk. :func:`log_report` uploads the directory to an MLflow run.
 
 Plots use matplotlib's object API on an Agg canvas (no pyplot, no global backend switch), so building a report
-never needs a display and never changes the caller's matplotlib state.
+never needs a display and never changes the caller's matplotlib state. Every text in a figure is drawn as it is:
+class names and clip titles come from datasets, and matplotlib would otherwise parse ``$...$`` in them as
+mathtext (a label like ``50% $$`` or ``$x^$`` raised and lost the whole report).
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import numpy as np
 import torch
@@ -123,6 +127,27 @@ class ReportFigure:
     caption: str
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+# Applied while a figure is built and drawn: Text objects read these when they are created (tick labels, titles,
+# legends, annotations alike), and TeX would choke on the same characters. rc_context restores the caller's values.
+_PLAIN_TEXT = {"text.parse_math": False, "text.usetex": False}
+
+
+def _plain_text(plot: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run a plotting function with every label rendered literally (no mathtext, no TeX)."""
+
+    @functools.wraps(plot)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        from matplotlib import rc_context
+
+        with rc_context(_PLAIN_TEXT):
+            return plot(*args, **kwargs)
+
+    return wrapper
+
+
 def _figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -138,6 +163,7 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+@_plain_text
 def plot_attention(maps: Sequence[AttentionMap], path: str | Path, hop_seconds: float = 0.01) -> Path:
     """Each clip's log-mel (grey) with the semantic token's attention (colour) over the patches it covers."""
     if not maps:
@@ -156,6 +182,7 @@ def plot_attention(maps: Sequence[AttentionMap], path: str | Path, hop_seconds: 
     return _save(fig, Path(path))
 
 
+@_plain_text
 def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: str | Path, title: str = "") -> Path:
     """Row-normalised confusion matrix (true class per row) with the counts written in the cells."""
     matrix = np.asarray(matrix)
@@ -196,6 +223,7 @@ def tsne_embedding(features: np.ndarray, seed: int = 0) -> np.ndarray:
                 random_state=seed).fit_transform(x)
 
 
+@_plain_text
 def plot_tsne(features: np.ndarray, labels: Sequence[int], class_names: Sequence[str], path: str | Path,
               seed: int = 0, title: str = "") -> Path:
     """t-SNE of clip features, one colour per class."""

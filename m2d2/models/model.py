@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from m2d2 import io
@@ -31,6 +31,8 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"
+#: What an export consists of: the only files copied from an object store by :meth:`M2D2.from_pretrained`.
+EXPORT_FILES = (CONFIG_FILE, WEIGHTS_FILE, f"{TOKENIZER_DIR}/*")
 # Parts that only pre-training needs; exported weights leave them out, training checkpoints keep them.
 TRAINING_ONLY = ("predictor.", "target.")
 TRAINABLE: dict[str, tuple[str, ...]] = {
@@ -71,6 +73,7 @@ class M2D2(nn.Module):
         self.clip_loss = ClipLoss(config.clap.local_loss, config.clap.feature_grad_scale)
         self.stage: Stage = "stage1" if config.text.mode == "offline" else "stage2"
         self._offline_text = None  # lazily loaded for encode_clap_text(list[str]) in stage 1; never stored
+        self.pretrained_root = pretrained_root  # relative text-model paths of an export resolve here
 
     def _make_text_proj(self, text_dim: int) -> nn.Module:
         if text_dim == self.config.clap_dim:
@@ -289,7 +292,9 @@ class M2D2(nn.Module):
         if self._offline_text is None:
             from m2d2.text import OfflineTextEncoder
 
-            self._offline_text = OfflineTextEncoder(self.config.text.offline, device=self.logit_scale.device)
+            # a relative encoder path in an export's config belongs to the export's directory, never to the cwd
+            self._offline_text = OfflineTextEncoder(self.config.text.offline, device=self.logit_scale.device,
+                                                    base_dir=self.pretrained_root)
         return self._offline_text
 
     # ------------------------------------------------------------------ persistence
@@ -324,7 +329,7 @@ class M2D2(nn.Module):
     def from_pretrained(cls, uri: str, map_location: str | torch.device = "cpu") -> M2D2:
         """Rebuild a model saved by :meth:`save_pretrained` (weights via safetensors: nothing is unpickled)."""
         with tempfile.TemporaryDirectory() as tmp:
-            root = io.local_path(uri) if io.is_local(uri) else io.download_dir(str(uri), tmp)
+            root = io.local_path(uri) if io.is_local(uri) else io.download_dir(str(uri), tmp, EXPORT_FILES)
             config_path = Path(root) / CONFIG_FILE
             if not config_path.exists():
                 raise FileNotFoundError(f"{uri}: no {CONFIG_FILE}; not an M2D2 export (or an incomplete one)")
@@ -332,6 +337,9 @@ class M2D2(nn.Module):
             if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
                 raise ValueError(f"{uri}: unsupported format {meta.get('format')!r} v{meta.get('format_version')}")
             model = cls(M2D2Config.from_dict(meta["config"]), with_m2d=False, pretrained_root=str(root))
-            state = load_file(str(Path(root) / WEIGHTS_FILE), device=str(map_location))
+            from m2d2.weights import read_safetensors  # one error type for a damaged file
+
+            state = read_safetensors(Path(root) / WEIGHTS_FILE, io.join(str(uri), WEIGHTS_FILE),
+                                     device=str(map_location))
             model.load_state_dict(state, strict=True)
         return model.to(map_location)

@@ -12,7 +12,7 @@ from m2d2.io import resolve_model_path
 from m2d2.models.config import TransformersTextConfig
 
 
-def _build_transformer(config: TransformersTextConfig) -> nn.Module:
+def _build_transformer(config: TransformersTextConfig, root: str | None = None) -> nn.Module:
     from transformers import AutoConfig, AutoModel
 
     if config.config is not None:
@@ -23,7 +23,7 @@ def _build_transformer(config: TransformersTextConfig) -> nn.Module:
         return AutoModel.from_config(AutoConfig.for_model(model_type, **fields))
     if config.path is None:
         raise ValueError("a transformers text encoder needs either 'path' or 'config'")
-    return AutoModel.from_pretrained(resolve_model_path(config.path))
+    return AutoModel.from_pretrained(resolve_model_path(config.path, root), trust_remote_code=False)
 
 
 class TransformersTextEncoder(nn.Module):
@@ -39,15 +39,15 @@ class TransformersTextEncoder(nn.Module):
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.config = config
-        self.model = _build_transformer(config)
+        self.model = _build_transformer(config, tokenizer_root)
         if getattr(self.model, "pooler", None) is not None:
             self.model.pooler = None
         tokenizer_path = config.tokenizer_path or config.path
         if tokenizer_path is None:
             raise ValueError("a transformers text encoder needs a tokenizer: set 'tokenizer_path' or 'path'")
-        if tokenizer_root is not None and not tokenizer_path.startswith("package:") and not os.path.isabs(tokenizer_path):
-            tokenizer_path = os.path.join(tokenizer_root, tokenizer_path)
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer_path))
+        # An export's relative paths resolve inside the export (tokenizer_root) and may not leave it.
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer_path, tokenizer_root),
+                                                       trust_remote_code=False)
 
     @property
     def dim(self) -> int:

@@ -25,6 +25,7 @@ from m2d2.text.keys import NORMALIZATION, caption_hash, caption_key
 
 if TYPE_CHECKING:
     from m2d2.models.config import OfflineTextConfig
+    from m2d2.text.encoders import RemoteCodePolicy
     from m2d2.text.offline import OfflineTextEncoder
     from m2d2.text.shards import ShardPlan
 
@@ -63,6 +64,7 @@ def embed_captions(
     workdir: str | Path | None = None,
     keep_shards: bool = False,
     encoder: OfflineTextEncoder | None = None,
+    remote_code: RemoteCodePolicy | None = None,
 ) -> int:
     """Embed the unique captions with the encoder of ``config`` into the cache ``out_path``; returns its rows.
 
@@ -70,14 +72,15 @@ def embed_captions(
     earlier (killed) call are reused, and an up-to-date cache is left as is, so a re-run resumes and gives the
     same bytes. ``bucket`` orders batches by token length (faster, see ``benchmarks/bench_embed.py``); the
     default keeps the text-ordered batches of the pre-shard cache, so the demo's vectors stay bit-identical.
-    ``encoder`` reuses a loaded model. The shard directory (default ``<out>.shards``) is removed after the merge
+    ``encoder`` reuses a loaded model; ``remote_code`` is the user's permission for a code-shipping encoder
+    (default: from the environment, see :class:`~m2d2.text.encoders.RemoteCodePolicy`). The shard directory (default ``<out>.shards``) is removed after the merge
     unless ``keep_shards``.
     """
     from m2d2.text.shards import embed_shard, merge_shards, plan_shards, remove_workdir, shard_done
 
     began = time.perf_counter()
     plan = plan_shards(captions, n_shards, config, batch_size=batch_size, max_tokens=max_tokens, bucket=bucket,
-                       dtype=dtype)
+                       dtype=dtype, remote_code=remote_code)
     if is_current(out_path, plan):
         log.info("caption cache %s is up to date (%d rows)", out_path, plan.rows)
         return plan.rows
@@ -87,7 +90,7 @@ def embed_captions(
         if encoder is None and not shard_done(plan, shard, work):
             from m2d2.text.offline import OfflineTextEncoder
 
-            encoder = OfflineTextEncoder(config, device=device, dtype=dtype)
+            encoder = OfflineTextEncoder(config, device=device, dtype=dtype, remote_code=remote_code)
         result = embed_shard(plan, shard, work, device=device, encoder=encoder)
         embedded += 0 if result.skipped else result.rows
     rows = merge_shards(plan, work, out_path)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from m2d2.models.config import OfflineTextConfig
-from m2d2.text.encoders import ENCODERS, TextEncoderPlugin, load_encoder
+from m2d2.text.encoders import ENCODERS, RemoteCodePolicy, TextEncoderPlugin, load_encoder
 
 KINDS = tuple(ENCODERS)  # the built-in kinds; register_encoder adds more
 
@@ -23,10 +23,12 @@ class OfflineTextEncoder:
     """
 
     def __init__(self, config: OfflineTextConfig, device: str | torch.device = "cpu",
-                 dtype: str | torch.dtype | None = None, instruction: str | None = None):
+                 dtype: str | torch.dtype | None = None, instruction: str | None = None, *,
+                 base_dir: str | None = None, remote_code: RemoteCodePolicy | None = None):
         self.config = config
         self.device = torch.device(device)
-        self.plugin: TextEncoderPlugin = load_encoder(config, self.device, dtype, instruction)
+        self.plugin: TextEncoderPlugin = load_encoder(config, self.device, dtype, instruction, base_dir=base_dir,
+                                                      remote_code=remote_code)
 
     @property
     def dtype(self) -> torch.dtype:

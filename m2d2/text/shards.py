@@ -26,7 +26,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 
 from m2d2.io import atomic_write_bytes
 from m2d2.models.config import OfflineTextConfig
+from m2d2.text.encoders import RemoteCodePolicy
 from m2d2.text.index import KEY, matrix_name, npy_data_size, npy_header, npy_layout, write_index
 from m2d2.text.keys import NORMALIZATION, unique_captions
 
@@ -71,6 +72,9 @@ class ShardPlan:
     shard_batches: np.ndarray  # [shards + 1] first batch of each shard
     n_input: int  # captions given, repeats included
     plan_id: str
+    # The user's permission for a code-shipping encoder, carried to the shard tasks from the pipeline settings;
+    # not part of plan_id (it does not change a vector).
+    remote_code: RemoteCodePolicy = RemoteCodePolicy()
 
     @property
     def rows(self) -> int:
@@ -107,7 +111,8 @@ class ShardPlan:
             "length": pa.array(self.lengths, type=pa.int64()),
         })
         meta = {**self.settings(), "batch_starts": self.batch_starts.tolist(),
-                "shard_batches": self.shard_batches.tolist(), "n_input": self.n_input, "plan_id": self.plan_id}
+                "shard_batches": self.shard_batches.tolist(), "n_input": self.n_input, "plan_id": self.plan_id,
+                "remote_code": asdict(self.remote_code)}
         sink = pa.BufferOutputStream()
         pq.write_table(table.replace_schema_metadata({b"m2d2.shard_plan": json.dumps(meta)}), sink)
         path = Path(workdir) / PLAN_FILE
@@ -131,7 +136,7 @@ class ShardPlan:
                       meta["n_input"])
         if plan.plan_id != meta["plan_id"]:
             raise ValueError(f"{path}: content does not match its plan id (damaged file?)")
-        return plan
+        return replace(plan, remote_code=RemoteCodePolicy(**meta.get("remote_code", {})))
 
 
 def _plan_id(settings: dict[str, Any], captions: list[str], keys: np.ndarray, batch_starts: np.ndarray) -> str:
@@ -177,7 +182,8 @@ def _shard_batches(costs: np.ndarray, n_shards: int) -> np.ndarray:
 
 
 def plan_shards(captions: Iterable[str], n_shards: int, config: OfflineTextConfig, *, batch_size: int = 64,
-                max_tokens: int | None = None, bucket: bool = True, dtype: str = "auto") -> ShardPlan:
+                max_tokens: int | None = None, bucket: bool = True, dtype: str = "auto",
+                remote_code: RemoteCodePolicy | None = None) -> ShardPlan:
     """Deduplicate ``captions`` (see :mod:`m2d2.text.keys`), order them, cut batches and split them into
     ``n_shards`` contiguous shards. A pure function of its arguments (it loads only the tokenizer, to bucket)."""
     if n_shards < 1 or batch_size < 1:
@@ -195,22 +201,28 @@ def plan_shards(captions: Iterable[str], n_shards: int, config: OfflineTextConfi
         raise ValueError("no captions to embed")
     keys = list(unique)
     texts = [unique[k] for k in keys]
-    if bucket:
+    if bucket or max_tokens:
         from m2d2.text.encoders import token_lengths
 
         lengths = token_lengths(texts, config)
-        order = sorted(range(len(texts)), key=lambda i: (lengths[i], texts[i]))
     else:
         lengths = np.zeros(len(texts), dtype=np.int64)
+    if bucket:
+        order = sorted(range(len(texts)), key=lambda i: (lengths[i], texts[i]))
+    else:
         order = sorted(range(len(texts)), key=texts.__getitem__)
     texts = [texts[i] for i in order]
     key_array = np.asarray([keys[i] for i in order], dtype=KEY)
     lengths = np.asarray(lengths, dtype=np.int64)[order]
-    starts = _batch_starts(lengths, batch_size, max_tokens if bucket else None)
+    # max_tokens bounds every batch's padded tokens, bucketed or not: one very long caption gets a small batch
+    # instead of padding 63 others to its length.
+    starts = _batch_starts(lengths, batch_size, max_tokens)
     sizes = np.diff(starts)
-    costs = sizes * np.maximum.reduceat(lengths, starts[:-1]) if bucket else sizes
+    costs = sizes * np.maximum.reduceat(lengths, starts[:-1]) if bucket or max_tokens else sizes
     plan = _build(config, batch_size, max_tokens, bucket, dtype, texts, key_array, lengths, starts,
                   _shard_batches(costs, n_shards), n_input)
+    if remote_code is not None:
+        plan = replace(plan, remote_code=remote_code)
     log.info("caption plan %s: %d captions -> %d unique (%.1f%% repeats), %d batches, %d shards", plan.plan_id[:12],
              n_input, plan.rows, 100.0 * (1 - plan.rows / n_input), plan.n_batches, n_shards)
     return plan
@@ -292,7 +304,7 @@ def embed_shard(plan: ShardPlan, shard: int, workdir: str | Path, *, device: str
     if encoder is None:
         from m2d2.text.offline import OfflineTextEncoder
 
-        encoder = OfflineTextEncoder(plan.config, device=device, dtype=plan.dtype)
+        encoder = OfflineTextEncoder(plan.config, device=device, dtype=plan.dtype, remote_code=plan.remote_code)
     check_encoder_matches(plan, encoder)
     tmp = folder / f".{VECTORS}.{os.getpid()}.tmp"
     digest = hashlib.blake2b(digest_size=16)

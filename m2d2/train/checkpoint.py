@@ -24,7 +24,6 @@ from typing import Any
 import fsspec
 import torch
 import torch.distributed as dist
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from m2d2 import io
@@ -54,10 +53,14 @@ def tensor_bytes(obj: Any) -> bytes:
     return buffer.getvalue()
 
 
-def load_tensor_bytes(data: bytes, safe_globals: list | None = None) -> Any:
-    """``torch.load(weights_only=True)``; ``safe_globals`` allow-lists extra plain classes (e.g. DeepSpeed's)."""
-    with torch.serialization.safe_globals(safe_globals or []):
-        return torch.load(_io.BytesIO(data), map_location="cpu", weights_only=True)
+def load_tensor_bytes(data: bytes, safe_globals: list | None = None, name: str = "<bytes>") -> Any:
+    """``torch.load(weights_only=True)``; ``safe_globals`` allow-lists extra plain classes (e.g. DeepSpeed's).
+
+    A damaged or unsafe blob raises :class:`m2d2.weights.CheckpointFormatError` naming ``name``.
+    """
+    from m2d2.weights import torch_load_weights
+
+    return torch_load_weights(data, name, safe_globals or [])
 
 
 class CheckpointManager:
@@ -116,16 +119,20 @@ class CheckpointManager:
         if marker["world_size"] != world_size:
             raise ValueError(f"checkpoint {uri} was written by {marker['world_size']} ranks, this run has "
                              f"{world_size}: resume with the same world size")
+        from m2d2.weights import read_safetensors
+
+        weights, rank_file = io.join(uri, "model.safetensors"), io.join(uri, f"rank-{rank:05d}.pt")
         return Checkpoint(
             step=step,
-            model=load_safetensors(io.read_bytes(io.join(uri, "model.safetensors"))),
-            rank_state=load_tensor_bytes(io.read_bytes(io.join(uri, f"rank-{rank:05d}.pt")), self.safe_globals),
+            model=read_safetensors(io.read_bytes(weights), weights),
+            rank_state=load_tensor_bytes(io.read_bytes(rank_file), self.safe_globals, rank_file),
             meta=json.loads(io.read_bytes(io.join(uri, "meta.json"))),
         )
 
     def load_rank_state(self, step: int, rank: int) -> dict[str, Any]:
         """One rank's state of checkpoint ``step`` (DeepSpeed's sharded optimizers restore from every rank's)."""
-        return load_tensor_bytes(io.read_bytes(io.join(self.step_uri(step), f"rank-{rank:05d}.pt")), self.safe_globals)
+        rank_file = io.join(self.step_uri(step), f"rank-{rank:05d}.pt")
+        return load_tensor_bytes(io.read_bytes(rank_file), self.safe_globals, rank_file)
 
     def _prune(self) -> None:
         fs, _ = fsspec.core.url_to_fs(self.root)
