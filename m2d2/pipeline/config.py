@@ -1,0 +1,92 @@
+"""The pipeline's configuration: one execution's corpus, stages, storage and evaluation settings, with presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from m2d2 import io
+from m2d2.train.config import TrainStageConfig, stage_preset
+
+PROMPT_TEMPLATE = "{} can be heard"
+CAPTION_BATCH = 64  # captions per embedding batch (plan_shards' default)
+CAPTION_TOKENS_PER_ROW = 512  # padded tokens per caption that a batch may average: the embedding batch's budget
+
+
+@dataclass
+class CorpusSettings:
+    """Size and seed of the generated demo corpus (see :class:`m2d2.data.demo.DemoCorpusConfig`)."""
+
+    seed: int = 0
+    train_per_class: int = 48
+    eval_per_class: int = 24
+
+
+@dataclass
+class PipelineConfig:
+    """One pipeline execution: corpus, model/stage presets, where data goes, evaluation settings."""
+
+    preset: str = "demo"
+    data_root: str = "runs"
+    # "" = generate the demo corpus; else a directory (local or s3://) holding manifest.parquet with audio paths
+    # relative to it, or "<prefix>/latest": the newest snapshot directory under <prefix> (names sort by date).
+    corpus_source: str = ""
+    run_key: str = ""  # stable key of the training checkpoints; a relaunch with the same key resumes
+    experiment: str = "m2d2"
+    baseline_inits: int = 5  # random initialisations averaged for each baseline
+    registered_model: str = "m2d2"  # MLflow registered model of the final (stage 2.1) export
+    primary_metric: str = "stage21/zs_acc"  # the "champion" alias moves only when this beats the incumbent
+    prompt_template: str = PROMPT_TEMPLATE
+    norm_samples: int = 5000
+    feature_shard_mb: float = 256.0  # log-mel shard size: the unit of the feature map task and of S3 fetches
+    caption_shards: int = 1  # caption-embedding shards: the elements of the embedding map task (one GPU each)
+    # Absolute audio_uri values of the corpus must lie under the corpus directory or under one of these roots
+    # (local paths or s3:// prefixes); see m2d2.data.manifest.AudioAccess.
+    audio_roots: list[str] = field(default_factory=list)
+    # Run the caption encoder's own Python code (NV-Embed-v2 ships its model as remote code). Off unless the user
+    # sets it; then the code files must match remote_code_sha256 (see m2d2.text.encoders.RemoteCodePolicy).
+    trust_remote_code: bool = False
+    remote_code_sha256: str = ""
+    corpus: CorpusSettings = field(default_factory=CorpusSettings)
+    stage1: TrainStageConfig = field(default_factory=lambda: stage_preset("stage1", "demo"))
+    stage11: TrainStageConfig = field(default_factory=lambda: stage_preset("stage1.1", "demo"))
+    stage2: TrainStageConfig = field(default_factory=lambda: stage_preset("stage2", "demo"))
+    stage21: TrainStageConfig = field(default_factory=lambda: stage_preset("stage2.1", "demo"))
+
+    def __post_init__(self) -> None:
+        if not io.is_local(self.data_root):
+            # Steps address their outputs as paths under data_root (content-keyed directories, memory-mapped caption
+            # vectors, reports); an object-store root would be mangled into a local path.
+            raise ValueError(f"data_root={self.data_root!r}: it must be a filesystem path that every task can read "
+                             "and write (on a cluster, the shared volume the PodTemplates mount at /data, e.g. "
+                             "/data/m2d2/runs; see k8s/README.md). Object-store URIs work for corpus_source, not "
+                             "yet for data_root.")
+        if self.run_key:  # it names a directory under data_root; checkpoints there are pruned
+            io.check_token(self.run_key, "run_key")
+        if self.feature_shard_mb <= 0 or self.caption_shards < 1:
+            raise ValueError(f"need feature_shard_mb > 0 and caption_shards >= 1, got {self.feature_shard_mb}, "
+                             f"{self.caption_shards}")
+
+    @classmethod
+    def from_preset(cls, name: str, **changes: Any) -> PipelineConfig:
+        """``demo`` (the default: minutes on a 2-core CPU), ``smoke`` (seconds per stage, for tests) or ``paper``
+        (the published settings of every stage; give it a ``data_root`` and a ``corpus_source``)."""
+        if name == "demo":
+            cfg = cls()
+        elif name == "paper":
+            # 16 caption shards: ~2.5 M unique captions through a 7-B encoder, one GPU pod per shard
+            cfg = cls(preset="paper", caption_shards=16,
+                      **{f: stage_preset(stage, "paper") for f, stage in STAGE_FIELDS.items()})
+        elif name == "smoke":
+            # small shards, so the feature and caption map tasks have several elements even on the smoke corpus
+            cfg = cls(preset="smoke", baseline_inits=2, norm_samples=200, feature_shard_mb=4.0, caption_shards=2,
+                      corpus=CorpusSettings(train_per_class=2, eval_per_class=20),
+                      **{f: stage_preset(stage, "smoke") for f, stage in STAGE_FIELDS.items()})
+        else:
+            raise ValueError(f"unknown pipeline preset {name!r}; choose 'demo', 'smoke' or 'paper'")
+        return dataclasses.replace(cfg, **changes)
+
+
+#: PipelineConfig field -> training stage, in pipeline order.
+STAGE_FIELDS = {"stage1": "stage1", "stage11": "stage1.1", "stage2": "stage2", "stage21": "stage2.1"}

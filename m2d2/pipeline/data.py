@@ -1,0 +1,145 @@
+"""Data steps: the corpus, its log-mel store and its caption vectors, each as plan -> shards -> finish."""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from m2d2 import io
+from m2d2.data.demo import DemoCorpusConfig, generate_demo_corpus
+from m2d2.data.features import FeatureConfig, finish_store, plan_store, read_plan, store_plan_uri
+from m2d2.data.shards import build_shard
+from m2d2.models import M2D2Config
+from m2d2.pipeline.config import CAPTION_BATCH, CAPTION_TOKENS_PER_ROW, PipelineConfig
+from m2d2.pipeline.workspace import _tracked, step_dir
+
+
+def build_corpus(cfg: PipelineConfig) -> Path:
+    corpus = DemoCorpusConfig(seed=cfg.corpus.seed, train_per_class=cfg.corpus.train_per_class,
+                              eval_per_class=cfg.corpus.eval_per_class)
+    out = step_dir(cfg, "corpus", corpus)
+    generate_demo_corpus(out, corpus)
+    return out
+
+
+def _feature_config(cfg: PipelineConfig) -> FeatureConfig:
+    crop = cfg.stage1.crop_frames or M2D2Config.preset(cfg.stage1.model_preset).encoder.input_frames
+    return FeatureConfig(norm_crop_frames=crop, norm_samples=cfg.norm_samples, seed=cfg.corpus.seed,
+                         shard_mb=cfg.feature_shard_mb, audio_roots=tuple(cfg.audio_roots))
+
+
+def plan_features(cfg: PipelineConfig, corpus_dir: str | Path) -> tuple[str, list[str]]:
+    """Plan the log-mel store of ``corpus_dir``: the plan's URI and one task spec per shard (``<plan>#<k>``).
+
+    The store goes to a content-keyed directory under ``data_root``; shard tasks (:func:`build_feature_shard`, a
+    Flyte map task on a cluster) read the plan by URI, so nothing large crosses a task boundary."""
+    features = _feature_config(cfg)
+    out = step_dir(cfg, "features", features, corpus_dir)
+    plan = plan_store(io.join(str(corpus_dir), "manifest.parquet"), corpus_dir, out, features)
+    uri = store_plan_uri(out)
+    return uri, [f"{uri}#{k}" for k in range(len(plan))]
+
+
+def build_feature_shard(spec: str) -> dict[str, Any]:
+    """Build (or find committed) shard ``<plan>#<k>``; what it did, for the logs."""
+    plan_uri, k = spec.rsplit("#", 1)
+    return dataclasses.asdict(build_shard(read_plan(plan_uri), int(k), progress=False))
+
+
+def finish_features(plan_uri: str, parent_run_id: str | None = None) -> tuple[Path, str | None]:
+    """Finalise the store once every shard is committed (stats, indexes, quarantine); tracked as ``features``."""
+    plan = read_plan(plan_uri)
+    out = Path(plan.store_uri)
+    run = _tracked(parent_run_id, "features", params={"features": plan.config, "corpus": plan.audio_root,
+                                                      "shards": len(plan)})
+    with run or nullcontext():
+        report = finish_store(plan)
+        if run:
+            run.log_metrics(report.metrics(), step=0)
+            run.log_artifact(str(out / "stats.json"))
+            run.log_artifact(str(out / "quarantine.parquet"))
+    return out, (run.run_id if run else None)
+
+
+def build_features(cfg: PipelineConfig, corpus_dir: str | Path,
+                   parent_run_id: str | None = None) -> tuple[Path, str | None]:
+    """Log-mel store of every clip + normalisation stats from training crops of the stage-1 length, in one process:
+    :func:`plan_features`, every :func:`build_feature_shard`, :func:`finish_features`."""
+    plan_uri, shards = plan_features(cfg, corpus_dir)
+    for spec in tqdm(shards, desc="log-mel shards", unit="shard", leave=False):
+        build_feature_shard(spec)
+    return finish_features(plan_uri, parent_run_id)
+
+
+def plan_captions(cfg: PipelineConfig, corpus_dir: str | Path) -> tuple[str, list[str]]:
+    """Plan the caption cache: every unique caption of every split plus the zero-shot prompts, cut into
+    ``cfg.caption_shards`` shards for the stage-1 text encoder. Returns the plan's URI and one spec per shard
+    (``<plan>#<k>``, for :func:`embed_caption_shard`, a map task on a cluster). The vectors do not depend on the
+    number of shards, so it is not part of the cache's key."""
+    from m2d2.text.cache import default_workdir
+    from m2d2.text.encoders import RemoteCodePolicy
+    from m2d2.text.shards import plan_shards
+
+    text = M2D2Config.preset(cfg.stage1.model_preset).text.offline
+    out = step_dir(cfg, "captions", text, corpus_dir, cfg.prompt_template) / "captions.parquet"
+    manifest = pq.read_table(Path(corpus_dir) / "manifest.parquet", columns=["captions", "labels"]).to_pydict()
+    captions = {c for caps in manifest["captions"] for c in caps}
+    prompts = {cfg.prompt_template.format(label.replace("_", " ")) for labels in manifest["labels"] for label in labels}
+    # bucket=False: text-ordered batches keep the demo's vectors bit-identical (see m2d2.text.cache.embed_captions);
+    # the token budget splits only a batch that one very long caption would pad out.
+    plan = plan_shards(captions | prompts, cfg.caption_shards, text, bucket=False,
+                       max_tokens=CAPTION_BATCH * CAPTION_TOKENS_PER_ROW,
+                       remote_code=RemoteCodePolicy(cfg.trust_remote_code, cfg.remote_code_sha256.strip().lower()))
+    plan_uri = str(plan.save(default_workdir(out)))
+    return plan_uri, [f"{plan_uri}#{k}" for k in range(plan.n_shards)]
+
+
+def _caption_plan(plan_uri: str):
+    from m2d2.text.shards import ShardPlan
+
+    work = Path(plan_uri).parent
+    return ShardPlan.load(work), work, work.with_suffix(".parquet")
+
+
+def embed_caption_shard(spec: str) -> int:
+    """Embed shard ``<plan>#<k>`` on this machine's GPU (else CPU); rows embedded now (0: already done)."""
+    from m2d2.text.cache import is_current
+    from m2d2.text.shards import embed_shard
+
+    plan_uri, k = spec.rsplit("#", 1)
+    plan, work, out = _caption_plan(plan_uri)
+    if is_current(out, plan):
+        return 0
+    result = embed_shard(plan, int(k), work, device="cuda" if torch.cuda.is_available() else "cpu")
+    return 0 if result.skipped else result.rows
+
+
+def finish_captions(plan_uri: str, parent_run_id: str | None = None) -> tuple[Path, str | None]:
+    """Merge the committed shards into the cache (index written last), drop the shards; tracked as ``embed``."""
+    from m2d2.text.cache import is_current
+    from m2d2.text.shards import merge_shards, remove_workdir
+
+    plan, work, out = _caption_plan(plan_uri)
+    run = _tracked(parent_run_id, "embed", params={"text_encoder": plan.config, "shards": plan.n_shards})
+    with run or nullcontext():
+        rows = plan.rows if is_current(out, plan) else merge_shards(plan, work, out)
+        remove_workdir(work)
+        if run:
+            run.log_metrics({"input_captions": plan.n_input, "rows": rows}, step=0)
+    return out, (run.run_id if run else None)
+
+
+def build_caption_cache(cfg: PipelineConfig, corpus_dir: str | Path,
+                        parent_run_id: str | None = None) -> tuple[Path, str | None]:
+    """The caption cache in one process: :func:`plan_captions`, every :func:`embed_caption_shard`,
+    :func:`finish_captions`."""
+    plan_uri, shards = plan_captions(cfg, corpus_dir)
+    for spec in shards:
+        embed_caption_shard(spec)
+    return finish_captions(plan_uri, parent_run_id)
