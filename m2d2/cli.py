@@ -163,6 +163,21 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 1 if result.skipped else 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """The whole pipeline in this process (the same steps, directories and cache keys as the Flyte workflow)."""
+    import dataclasses
+    import logging
+
+    from m2d2.pipeline import PipelineConfig, run
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    changes = {"data_root": args.data_root} if args.data_root else {}
+    cfg = dataclasses.replace(PipelineConfig.from_preset(args.preset), **changes)
+    result = run(cfg)
+    print(f"summary: {result.summary}  (m2d2 summary --data-root {cfg.data_root})")
+    return 0
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     path = Path(args.data_root) / SUMMARY_FILE
     if not path.exists():
@@ -234,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     _add_decode_limits(search)
     _add_model_options(search)
     search.set_defaults(func=cmd_search)
+    run = sub.add_parser("run", help="run the whole pipeline in this process (no Flyte): corpus to registered model")
+    run.add_argument("--preset", choices=["demo", "smoke", "paper"], default="demo")
+    run.add_argument("--data-root", help="where every step writes (default: the preset's, ./runs)")
+    run.set_defaults(func=cmd_run)
     summary = sub.add_parser("summary", help="headline numbers of the last pipeline execution")
     summary.add_argument("--data-root", default="runs")
     summary.set_defaults(func=cmd_summary)

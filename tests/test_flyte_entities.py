@@ -140,19 +140,26 @@ def test_latest_snapshot_resolution(tmp_path):
 
 
 def test_optional_stages_pass_their_input_through_when_disabled():
-    import dataclasses
-
-    import workflows.full as wf
+    """Pass-through is the library's (m2d2.pipeline.runner.run_stage), whichever driver calls it."""
     from m2d2.pipeline import PipelineConfig
+    from m2d2.pipeline.registry import stage
+    from m2d2.pipeline.runner import StepOutput, run_stage
 
     cfg = PipelineConfig()
-    cfg = dataclasses.replace(cfg, stage11=cfg.stage11.replace(enabled=False),
-                              stage21=cfg.stage21.replace(enabled=False))
-    previous = object()  # nothing is read from it, nothing is trained
-    assert wf.stage11.task_function(cfg=cfg, workspace="", features=None, stage1_result=previous,
-                                    parent_run_id="") is previous
-    assert wf.stage21.task_function(cfg=cfg, workspace="", features=None, stage2_result=previous,
-                                    parent_run_id="") is previous
+    previous = StepOutput(path="/nothing/is/read/from/here")  # nothing is read from it, nothing is trained
+    assert run_stage(stage("stage1.1"), cfg.stage11.replace(enabled=False), "/x#id", "/f", previous) is previous
+    assert run_stage(stage("stage2.1"), cfg.stage21.replace(enabled=False), "/x#id", "/f", previous) is previous
+    with pytest.raises(ValueError, match="cannot be switched off"):
+        run_stage(stage("stage2"), cfg.stage2.replace(enabled=False), "/x#id", "/f", previous)
+
+
+def test_every_registered_stage_has_its_flyte_task_and_the_workflow_walks_the_registry():
+    import workflows.full as wf
+    from m2d2.pipeline.registry import STAGES
+
+    assert list(wf.STAGE_TASKS) == [s.name for s in STAGES]
+    nodes = [n.metadata.name for n in wf.full.nodes]
+    assert all(any(n.endswith(wf.STAGE_TASKS[s.name].name.rsplit(".", 1)[-1]) for n in nodes) for s in STAGES)
 
 
 def test_data_root_must_be_a_path_every_task_sees():

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from flytekit.types.structured import StructuredDataset
 from flytekitplugins.kfpytorch import Elastic
 
 from m2d2.pipeline import PipelineConfig
+from m2d2.train.config import TrainStageConfig
 
 # Launch topology of each training task. Flyte fixes it when a task is defined (registration), and the pod that
 # runs the task imports this module again, so it must resolve the same way there: it comes from the stage presets
@@ -99,27 +100,14 @@ class Corpus:
 
 @dataclass
 class Artifact:
-    """A step's output directory and the MLflow run that produced it (empty when untracked)."""
+    """A step's output directory, the MLflow run that produced it (empty when untracked) and what it measured:
+    the features, the caption vectors and every stage's export (:class:`m2d2.pipeline.runner.StepOutput`)."""
 
     path: FlyteDirectory
     mlflow_run_id: str
-
-
-@dataclass
-class StageResult:
-    model: FlyteDirectory
-    checkpoint: FlyteDirectory
-    mlflow_run_id: str
-    steps: int
-    final_loss: float
-    metrics: dict[str, float]  # the stage's own evaluation (stage 1.1: tagging mAP); empty for the others
-
-
-@dataclass
-class EvalResult:
-    metrics: dict[str, float]
-    mlflow_run_id: str
-    report: FlyteDirectory  # report.html + figures of the final model
+    steps: int = 0
+    final_loss: float | None = None  # None: not a training stage
+    metrics: dict[str, float] = field(default_factory=dict)  # the stage's own evaluation (stage 1.1: tagging mAP)
 
 
 @dataclass
@@ -262,17 +250,6 @@ def finish_captions(plan_uri: str, embedded: list[int], parent_run_id: str) -> A
     return Artifact(path=_out(out.parent), mlflow_run_id=run_id or "")
 
 
-def _checkpoint_root(cfg: PipelineConfig, workspace: str, stage: str) -> str | None:
-    """``<data_root>/checkpoints/<run_key>/<stage>`` when a run key is given (a relaunch with the same key
-    resumes); otherwise the stage's own output directory, which is stable for identical inputs."""
-    if not cfg.run_key:
-        return None
-    from m2d2 import io
-    from m2d2.pipeline import rooted
-
-    return io.confine(Path(rooted(cfg, workspace).data_root) / "checkpoints", f"{cfg.run_key}/{stage}", "run_key")
-
-
 def _train(fn, *args, **kwargs):
     """Run a stage; failures worth a retry (lost peer, collective timeout, storage) become Flyte-retryable."""
     from flytekit.exceptions.user import FlyteRecoverableException
@@ -304,129 +281,116 @@ def _training_task(stage: str, cache_version: str):
     )
 
 
-def _stage_result(output) -> StageResult:
-    return StageResult(model=_out(output.export_dir), checkpoint=_out(output.checkpoint_dir),
-                       mlflow_run_id=output.mlflow_run_id or "", steps=output.steps,
-                       final_loss=float(output.final.get("loss", float("nan"))), metrics=dict(output.metrics))
+def _step(artifact: Artifact):
+    from m2d2.pipeline.runner import StepOutput
+
+    return StepOutput(path=_local(artifact.path), mlflow_run_id=artifact.mlflow_run_id, steps=artifact.steps,
+                      final_loss=artifact.final_loss, metrics=dict(artifact.metrics))
 
 
-def _run_stage(name: str, cfg: PipelineConfig, workspace: str, features: Artifact, input_dir: str,
-               parent_run_id: str) -> StageResult:
-    """Run training stage ``name`` on the feature store and its input (captions or the previous export)."""
-    from m2d2.pipeline import STAGE_FIELDS, rooted, step_dir
-    from m2d2.train.stages import STAGE_RUNNERS
-
-    stage_cfg = getattr(cfg, next(f for f, stage in STAGE_FIELDS.items() if stage == name))
-    run = STAGE_RUNNERS[name]
-    feature_dir = _local(features.path)
-    out = step_dir(rooted(cfg, workspace), name, stage_cfg, feature_dir, input_dir)
-    return _stage_result(_train(run, stage_cfg, feature_dir, input_dir, str(out), parent_run_id or None,
-                                _checkpoint_root(cfg, workspace, name)))
+def _artifact(output) -> Artifact:
+    return Artifact(path=_out(output.path), mlflow_run_id=output.mlflow_run_id, steps=output.steps,
+                    final_loss=output.final_loss, metrics=dict(output.metrics))
 
 
-@_training_task("stage1", "stage1-3")
-def stage1(cfg: PipelineConfig, workspace: str, features: Artifact, captions: Artifact,
-           parent_run_id: str) -> StageResult:
-    """Stage 1: M2D + CLAP from scratch against the offline caption vectors."""
-    caption_file = str(Path(_local(captions.path)) / "captions.parquet")
-    return _run_stage("stage1", cfg, workspace, features, caption_file, parent_run_id)
+def _run_stage(name: str, section: TrainStageConfig, workspace: str, features: Artifact, source: Artifact,
+               run_key: str, parent_run_id: str) -> Artifact:
+    """Stage ``name`` of the registry through the library's one entry point (output roots, pass-through of a
+    switched-off stage, reuse of a finished run): the task only converts Flyte types."""
+    from m2d2.pipeline.registry import stage
+    from m2d2.pipeline.runner import run_stage
+
+    return _artifact(_train(run_stage, stage(name), section, workspace, _local(features.path), _step(source),
+                            parent_run_id or None, run_key))
 
 
-@_training_task("stage1.1", "stage11-1")
-def stage11(cfg: PipelineConfig, workspace: str, features: Artifact, stage1_result: StageResult,
-            parent_run_id: str) -> StageResult:
-    """Stage 1.1: supervised fine-tuning of the stage-1 encoder (608 -> 1001 frames in the paper); optional."""
-    if not cfg.stage11.enabled:
-        return stage1_result
-    return _run_stage("stage1.1", cfg, workspace, features, _local(stage1_result.model), parent_run_id)
+# One task per stage of m2d2.pipeline.registry.STAGES. Flyte needs each task as a module-level function of its own,
+# fixed at registration with its own Elastic topology and resources, so a new stage adds its three lines here too
+# (tests/test_flyte_entities.py checks that every registered stage has its task). The workflow below walks the
+# registry; the tasks take only their own config section, so changing one stage's settings re-runs that stage and
+# what follows it, and is a cache hit for everything before it.
+@_training_task("stage1", "stage1-4")
+def stage1(section: TrainStageConfig, workspace: str, features: Artifact, source: Artifact, run_key: str,
+           parent_run_id: str) -> Artifact:
+    return _run_stage("stage1", section, workspace, features, source, run_key, parent_run_id)
 
 
-@_training_task("stage2", "stage2-3")
-def stage2(cfg: PipelineConfig, workspace: str, features: Artifact, stage11_result: StageResult,
-           parent_run_id: str) -> StageResult:
-    """Stage 2: frozen stage-1.1 encoder, fresh projector, trainable text encoder."""
-    return _run_stage("stage2", cfg, workspace, features, _local(stage11_result.model), parent_run_id)
+@_training_task("stage1.1", "stage11-2")
+def stage11(section: TrainStageConfig, workspace: str, features: Artifact, source: Artifact, run_key: str,
+            parent_run_id: str) -> Artifact:
+    return _run_stage("stage1.1", section, workspace, features, source, run_key, parent_run_id)
 
 
-@_training_task("stage2.1", "stage21-1")
-def stage21(cfg: PipelineConfig, workspace: str, features: Artifact, stage2_result: StageResult,
-            parent_run_id: str) -> StageResult:
-    """Stage 2.1: stage 2 continued without masking on the curated subset; optional."""
-    if not cfg.stage21.enabled:
-        return stage2_result
-    return _run_stage("stage2.1", cfg, workspace, features, _local(stage2_result.model), parent_run_id)
+@_training_task("stage2", "stage2-4")
+def stage2(section: TrainStageConfig, workspace: str, features: Artifact, source: Artifact, run_key: str,
+           parent_run_id: str) -> Artifact:
+    return _run_stage("stage2", section, workspace, features, source, run_key, parent_run_id)
 
 
-@cpu_task("evaluate", cache=Cache(version="evaluate-3", ignored_inputs=TRACKING), enable_deck=True)
+@_training_task("stage2.1", "stage21-2")
+def stage21(section: TrainStageConfig, workspace: str, features: Artifact, source: Artifact, run_key: str,
+            parent_run_id: str) -> Artifact:
+    return _run_stage("stage2.1", section, workspace, features, source, run_key, parent_run_id)
+
+
+STAGE_TASKS = {"stage1": stage1, "stage1.1": stage11, "stage2": stage2, "stage2.1": stage21}
+
+
+@cpu_task("evaluate", cache=Cache(version="evaluate-4", ignored_inputs=TRACKING), enable_deck=True)
 def evaluate(cfg: PipelineConfig, workspace: str, features: Artifact, captions: Artifact,
-             stage1_result: StageResult, stage11_result: StageResult, stage2_result: StageResult,
-             stage21_result: StageResult, parent_run_id: str) -> EvalResult:
+             stages: dict[str, Artifact], parent_run_id: str) -> Artifact:
     """Every stage's CLAP metrics vs baselines, the final model's full suite, its report (also a Flyte Deck)."""
     from flytekit import Deck
 
     from m2d2.eval.reports import report_html
-    from m2d2.pipeline import evaluate_stages, rooted, step_dir
+    from m2d2.pipeline import rooted
+    from m2d2.pipeline.runner import evaluate_step
 
-    exports = [_local(r.model) for r in (stage1_result, stage11_result, stage2_result, stage21_result)]
-    report_dir = step_dir(rooted(cfg, workspace), "evaluate", cfg, *exports) / "report"
-    metrics, run_id = evaluate_stages(
-        cfg, _local(features.path), Path(_local(captions.path)) / "captions.parquet", *exports,
-        parent_run_id or None, stage11_metrics=stage11_result.metrics, report_dir=report_dir,
-    )
+    output, report_dir = evaluate_step(rooted(cfg, workspace), _step(features), _step(captions),
+                                       {name: _step(a) for name, a in stages.items()}, parent_run_id or None)
     Deck("evaluation", report_html(report_dir))
-    return EvalResult(metrics=metrics, mlflow_run_id=run_id or "", report=_out(report_dir))
+    return _artifact(output)
 
 
-@cpu_task("small", cache=Cache(version="register-1", ignored_inputs=TRACKING))
-def register(cfg: PipelineConfig, stage21_result: StageResult, evaluation: EvalResult,
+@cpu_task("small", cache=Cache(version="register-2", ignored_inputs=TRACKING))
+def register(cfg: PipelineConfig, workspace: str, final: Artifact, evaluation: Artifact,
              parent_run_id: str) -> Registration:
     """Register the final model; the champion alias moves only if ``cfg.primary_metric`` beats the incumbent.
 
     Cached by the model and its scores, so re-running an unchanged pipeline adds no duplicate version.
     """
-    from m2d2.registry import register_model
+    from m2d2.pipeline import rooted
+    from m2d2.pipeline.runner import register_step
 
-    result = register_model(_local(stage21_result.model), cfg.registered_model, evaluation.metrics,
-                            cfg.primary_metric, run_id=evaluation.mlflow_run_id or None)
-    return Registration(model_uri=result.model_uri, version=str(result.version), promoted=result.promoted,
+    result = register_step(rooted(cfg, workspace), _step(final), _step(evaluation))
+    return Registration(model_uri=result.model_uri, version=result.version, promoted=result.promoted,
                         reason=result.reason)
 
 
 @cpu_task("small")
-def finish_tracking(cfg: PipelineConfig, workspace: str, parent_run_id: str, features: Artifact, captions: Artifact,
-                    stage1_result: StageResult, stage11_result: StageResult, stage2_result: StageResult,
-                    stage21_result: StageResult, evaluation: EvalResult, registration: Registration) -> FlyteFile:
-    """Record which stages were cache hits (and the runs that produced them), the headline metrics, and close.
+def finish_tracking(cfg: PipelineConfig, workspace: str, parent_run_id: str, outputs: dict[str, Artifact],
+                    evaluation: Artifact, registration: Registration) -> FlyteFile:
+    """Record which steps were cache hits (and the runs that produced them), the headline metrics, and close.
 
     Writes ``<data_root>/summaries/<parent run>.json`` and ``<data_root>/latest-summary.json`` (``m2d2 summary``),
     credentials masked.
     """
-    from m2d2.pipeline import rooted
-    from m2d2.tracking import finish_pipeline_run, record_cache_hits, tracking_uri, write_pipeline_summary
+    from dataclasses import asdict
 
-    sources = {"features": features.mlflow_run_id, "embed": captions.mlflow_run_id,
-               "stage1": stage1_result.mlflow_run_id, "stage1.1": stage11_result.mlflow_run_id,
-               "stage2": stage2_result.mlflow_run_id, "stage2.1": stage21_result.mlflow_run_id,
-               "evaluate": evaluation.mlflow_run_id}
-    hits = record_cache_hits(parent_run_id, sources)
-    finish_pipeline_run(parent_run_id, metrics=evaluation.metrics,
-                        tags={"m2d2.cache_hits": ",".join(s for s, hit in hits.items() if hit) or "none",
-                              "m2d2.registered_model": registration.model_uri,
-                              "m2d2.champion": str(registration.promoted).lower(),
-                              "m2d2.registration_reason": registration.reason})
-    summary = {"mlflow_parent_run_id": parent_run_id, "tracking_uri": tracking_uri(), "cache_hits": hits,
-               "metrics": evaluation.metrics, "stage1_model": _local(stage1_result.model),
-               "stage11_model": _local(stage11_result.model), "stage2_model": _local(stage2_result.model),
-               "stage21_model": _local(stage21_result.model), "report": _local(evaluation.report),
-               "registration": {"model_uri": registration.model_uri, "promoted": registration.promoted,
-                                "reason": registration.reason}}
-    path = write_pipeline_summary(rooted(cfg, workspace).data_root, summary)
+    from m2d2.pipeline import rooted
+    from m2d2.pipeline.runner import Registration as Record
+    from m2d2.pipeline.runner import finish
+
+    path = finish(rooted(cfg, workspace), parent_run_id, {k: _step(v) for k, v in outputs.items()},
+                  _step(evaluation), Record(**asdict(registration)))
     return FlyteFile(str(path.resolve()), remote_path=False if _is_local() else None)
 
 
 @workflow
 def full(cfg: PipelineConfig = PipelineConfig()) -> FlyteFile:  # noqa: B008 (Flyte reads defaults here)
-    """corpus -> features + caption embeddings -> stages 1, 1.1, 2, 2.1 -> evaluate -> register -> summary."""
+    """corpus -> features + caption embeddings -> the registry's stages -> evaluate -> register -> summary."""
+    from m2d2.pipeline.registry import CAPTIONS, STAGES
+
     workspace = open_workspace(cfg=cfg)
     parent = start_tracking(cfg=cfg)
     corpus = make_corpus(cfg=cfg, workspace=workspace, source=resolve_corpus(cfg=cfg))
@@ -436,13 +400,16 @@ def full(cfg: PipelineConfig = PipelineConfig()) -> FlyteFile:  # noqa: B008 (Fl
     caption_plan, caption_shards = plan_captions(cfg=cfg, workspace=workspace, corpus=corpus)
     embedded = map_task(caption_shard, concurrency=MAP_CONCURRENCY)(spec=caption_shards)
     captions = finish_captions(plan_uri=caption_plan, embedded=embedded, parent_run_id=parent)
-    s1 = stage1(cfg=cfg, workspace=workspace, features=features, captions=captions, parent_run_id=parent)
-    s11 = stage11(cfg=cfg, workspace=workspace, features=features, stage1_result=s1, parent_run_id=parent)
-    s2 = stage2(cfg=cfg, workspace=workspace, features=features, stage11_result=s11, parent_run_id=parent)
-    s21 = stage21(cfg=cfg, workspace=workspace, features=features, stage2_result=s2, parent_run_id=parent)
-    scores = evaluate(cfg=cfg, workspace=workspace, features=features, captions=captions, stage1_result=s1,
-                      stage11_result=s11, stage2_result=s2, stage21_result=s21, parent_run_id=parent)
-    registration = register(cfg=cfg, stage21_result=s21, evaluation=scores, parent_run_id=parent)
-    return finish_tracking(cfg=cfg, workspace=workspace, parent_run_id=parent, features=features, captions=captions,
-                           stage1_result=s1, stage11_result=s11, stage2_result=s2, stage21_result=s21,
-                           evaluation=scores, registration=registration)
+    outputs = {"features": features, "embed": captions}
+    for stage in STAGES:
+        source = captions if stage.trains_on == CAPTIONS else outputs[stage.trains_on]
+        outputs[stage.name] = STAGE_TASKS[stage.name](section=getattr(cfg, stage.section), workspace=workspace,
+                                                      features=features, source=source, run_key=cfg.run_key,
+                                                      parent_run_id=parent)
+    stages = {stage.name: outputs[stage.name] for stage in STAGES}
+    scores = evaluate(cfg=cfg, workspace=workspace, features=features, captions=captions, stages=stages,
+                      parent_run_id=parent)
+    registration = register(cfg=cfg, workspace=workspace, final=stages[STAGES[-1].name], evaluation=scores,
+                            parent_run_id=parent)
+    return finish_tracking(cfg=cfg, workspace=workspace, parent_run_id=parent, outputs=outputs, evaluation=scores,
+                           registration=registration)

@@ -3,7 +3,9 @@
 - :mod:`m2d2.pipeline.config`: :class:`PipelineConfig` and its presets;
 - :mod:`m2d2.pipeline.workspace`: the data root, its workspace id and content-keyed step directories;
 - :mod:`m2d2.pipeline.data`: corpus, log-mel store and caption vectors (plan -> shards -> finish);
-- :mod:`m2d2.pipeline.evaluation`: CLAP metrics of every stage against baselines, and the report.
+- :mod:`m2d2.pipeline.evaluation`: CLAP metrics of every stage against baselines, and the report;
+- :mod:`m2d2.pipeline.registry`: the training stages, each declared once;
+- :mod:`m2d2.pipeline.runner`: :func:`run`, the whole DAG in one process, and the steps the Flyte tasks share.
 """
 
 from m2d2.pipeline.config import (
@@ -26,6 +28,8 @@ from m2d2.pipeline.data import (
     plan_features,
 )
 from m2d2.pipeline.evaluation import eval_set, evaluate_stages
+from m2d2.pipeline.registry import STAGES, Stage
+from m2d2.pipeline.runner import PipelineResult, StepOutput, run, run_stage
 from m2d2.pipeline.workspace import (
     LATEST,
     WORKSPACE_FILE,
@@ -38,7 +42,7 @@ from m2d2.pipeline.workspace import (
 
 __all__ = [
     "CAPTION_BATCH", "CAPTION_TOKENS_PER_ROW", "LATEST", "PROMPT_TEMPLATE", "STAGE_FIELDS", "WORKSPACE_FILE",
-    "CorpusSettings", "PipelineConfig", "build_caption_cache", "build_corpus", "build_feature_shard",
+    "STAGES", "CorpusSettings", "PipelineConfig", "PipelineResult", "Stage", "StepOutput", "run", "run_stage", "build_caption_cache", "build_corpus", "build_feature_shard",
     "build_features", "embed_caption_shard", "eval_set", "evaluate_stages", "finish_captions", "finish_features",
     "plan_captions", "plan_features", "resolve_corpus_source", "rooted", "step_dir", "step_key", "workspace_token",
 ]

@@ -1,0 +1,252 @@
+"""The pipeline in one process, and the pieces the Flyte tasks share with it.
+
+:func:`run` executes the whole DAG (corpus -> features + caption vectors -> the stages of
+:data:`~m2d2.pipeline.registry.STAGES` -> evaluation -> registration -> summary) with the same step directories
+and outputs as ``workflows/full.py``. Each step records what it produced (``step.json``) next to its outputs, so
+running again with the same inputs reuses them — and their MLflow runs — instead of recomputing: the same
+"cache hit" a Flyte execution sees, and one that can never outlive the files it points at, since the record lives
+with them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from m2d2 import io
+from m2d2.pipeline.config import PipelineConfig
+from m2d2.pipeline.registry import CAPTIONS, STAGES, Stage, metric_prefix
+from m2d2.pipeline.workspace import rooted, step_key, workspace_token
+
+log = logging.getLogger(__name__)
+
+STEP_RECORD = "step.json"  # written last into a finished step's directory: what it produced
+CAPTION_FILE = "captions.parquet"
+
+
+@dataclass
+class StepOutput:
+    """What a step produced: its directory, the MLflow run that produced it, and what it measured."""
+
+    path: str
+    mlflow_run_id: str = ""
+    steps: int = 0
+    final_loss: float | None = None  # None: not a training stage
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def source(self) -> str:
+        """What a stage that trains on this output reads: the caption file of a caption cache, else the export."""
+        caption_file = Path(self.path) / CAPTION_FILE
+        return str(caption_file) if caption_file.is_file() else self.path
+
+
+def _record(directory: Path, output: StepOutput) -> None:
+    io.atomic_write_bytes(directory / STEP_RECORD, json.dumps(dataclasses.asdict(output), indent=2).encode())
+
+
+def recorded(directory: str | Path, must_exist: tuple[str, ...] = ()) -> StepOutput | None:
+    """The record of a finished step in ``directory``, if it and the files it names are all still there."""
+    path = Path(directory) / STEP_RECORD
+    if not path.is_file():
+        return None
+    output = StepOutput(**json.loads(path.read_text()))
+    if not Path(output.path).exists() or any(not (Path(directory) / name).exists() for name in must_exist):
+        return None
+    return output
+
+
+def checkpoint_root(data_root: str, run_key: str, stage: str) -> str | None:
+    """``<data_root>/checkpoints/<run_key>/<stage>`` when a run key is given (a relaunch with the same key resumes);
+    otherwise None: the stage's own output directory, which is stable for identical inputs."""
+    if not run_key:
+        return None
+    return io.confine(Path(data_root) / "checkpoints", f"{run_key}/{stage}", "run_key")
+
+
+def stage_dir(data_root: str, stage: Stage, section: Any, feature_dir: str, source: str) -> Path:
+    """Where ``stage`` writes for these settings and inputs (content-keyed, see :mod:`m2d2.pipeline.workspace`)."""
+    return Path(data_root) / stage.name / step_key(section, feature_dir, source)
+
+
+def run_stage(stage: Stage, section: Any, workspace: str, feature_dir: str, source: StepOutput,
+              parent_run_id: str | None = None, run_key: str = "") -> StepOutput:
+    """Train ``stage`` on ``source`` (or pass ``source`` through when the stage is switched off), reusing a finished
+    run of the same settings and inputs. What every caller of a stage does, Flyte task or :func:`run`."""
+    if not section.enabled:
+        if not stage.optional:
+            raise ValueError(f"{stage.name} cannot be switched off: later stages need its export")
+        log.info("%s is switched off: %s passes through", stage.name, source.path)
+        return source
+    data_root = workspace.rsplit("#", 1)[0]
+    out = stage_dir(data_root, stage, section, feature_dir, source.source())
+    done = recorded(out, must_exist=("model/config.json",))
+    if done is not None:
+        log.info("%s: reusing the finished run in %s", stage.name, out)
+        return done
+    result = stage.load_runner()(section, feature_dir, source.source(), str(out), parent_run_id,
+                                 checkpoint_root(data_root, run_key, stage.name))
+    output = StepOutput(path=str(Path(result.export_dir).resolve()), mlflow_run_id=result.mlflow_run_id or "",
+                        steps=result.steps, final_loss=result.final.get("loss"),
+                        metrics=dict(result.metrics))
+    if _is_rank0():
+        _record(out, output)
+    return output
+
+
+def _is_rank0() -> bool:
+    from m2d2.tracking import is_main_process
+
+    return is_main_process()
+
+
+# ------------------------------------------------------------------------------------------------ data steps
+def features_step(cfg: PipelineConfig, corpus_dir: str, parent_run_id: str | None) -> StepOutput:
+    """The corpus's log-mel store (plan -> shards -> finish), reused when it is complete for these settings."""
+    from m2d2.pipeline.data import _feature_config, build_features
+    from m2d2.pipeline.workspace import step_dir
+
+    def make() -> StepOutput:
+        path, run_id = build_features(cfg, corpus_dir, parent_run_id)
+        return StepOutput(path=str(Path(path).resolve()), mlflow_run_id=run_id or "")
+
+    return _reuse_or_run(step_dir(cfg, "features", _feature_config(cfg), corpus_dir), ("stats.json",), make)
+
+
+def captions_step(cfg: PipelineConfig, corpus_dir: str, parent_run_id: str | None) -> StepOutput:
+    """The caption vectors of the stage-1 text encoder, reused when complete for these settings."""
+    from m2d2.models import M2D2Config
+    from m2d2.pipeline.data import build_caption_cache
+    from m2d2.pipeline.workspace import step_dir
+
+    text = M2D2Config.preset(cfg.stage1.model_preset).text.offline
+
+    def make() -> StepOutput:
+        path, run_id = build_caption_cache(cfg, corpus_dir, parent_run_id)
+        return StepOutput(path=str(Path(path).parent.resolve()), mlflow_run_id=run_id or "")
+
+    return _reuse_or_run(step_dir(cfg, "captions", text, corpus_dir, cfg.prompt_template), (CAPTION_FILE,), make)
+
+
+def _reuse_or_run(directory: Path, must_exist: tuple[str, ...], make) -> StepOutput:
+    done = recorded(directory, must_exist)
+    if done is not None:
+        return done
+    output = make()
+    _record(directory, output)
+    return output
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def evaluate_step(cfg: PipelineConfig, features: StepOutput, captions: StepOutput, stages: dict[str, StepOutput],
+                  parent_run_id: str | None) -> tuple[StepOutput, Path]:
+    """Every stage's metrics against its baseline and the final model's report; reused when nothing changed."""
+    from m2d2.pipeline.evaluation import evaluate_stages
+
+    exports = [stages[s.name].path for s in STAGES]
+    data_root = cfg.data_root
+    directory = Path(data_root) / "evaluate" / step_key(cfg.baseline_inits, cfg.prompt_template,
+                                                         cfg.stage2.model_preset, *exports)
+    report_dir = directory / "report"
+
+    def make() -> StepOutput:
+        metrics, run_id = evaluate_stages(
+            cfg, features.path, Path(captions.path) / CAPTION_FILE, *exports, parent_run_id,
+            stage11_metrics=stages["stage1.1"].metrics, report_dir=report_dir)
+        return StepOutput(path=str(report_dir.resolve()), mlflow_run_id=run_id or "", metrics=metrics)
+
+    return _reuse_or_run(directory, ("report",), make), report_dir
+
+
+@dataclass
+class Registration:
+    """The MLflow model version of an execution's final model, and whether it became the champion."""
+
+    model_uri: str
+    version: str
+    promoted: bool
+    reason: str
+
+
+def register_step(cfg: PipelineConfig, final: StepOutput, evaluation: StepOutput) -> Registration:
+    """Register the final export once per (export, scores): re-running an unchanged pipeline adds no version."""
+    from m2d2.registry import register_model
+
+    directory = Path(cfg.data_root) / "register" / step_key(cfg.registered_model, cfg.primary_metric, final.path,
+                                                             sorted(evaluation.metrics.items()))
+    record = directory / "registration.json"
+    if record.is_file():
+        return Registration(**json.loads(record.read_text()))
+    result = register_model(final.path, cfg.registered_model, evaluation.metrics, cfg.primary_metric,
+                            run_id=evaluation.mlflow_run_id or None)
+    registration = Registration(model_uri=result.model_uri, version=str(result.version), promoted=result.promoted,
+                                reason=result.reason)
+    io.atomic_write_bytes(record, json.dumps(dataclasses.asdict(registration)).encode())
+    return registration
+
+
+# ------------------------------------------------------------------------------------------------ summary
+def finish(cfg: PipelineConfig, parent_run_id: str, outputs: dict[str, StepOutput], evaluation: StepOutput,
+           registration: Registration) -> Path:
+    """Record which steps were reused (and the runs that produced them), log the headline metrics, close the
+    parent run and write the summary ``m2d2 summary`` prints. Returns the summary's path."""
+    from m2d2.tracking import finish_pipeline_run, record_cache_hits, tracking_uri, write_pipeline_summary
+
+    sources = {name: out.mlflow_run_id for name, out in outputs.items()}
+    sources["evaluate"] = evaluation.mlflow_run_id
+    hits = record_cache_hits(parent_run_id, sources)
+    finish_pipeline_run(parent_run_id, metrics=evaluation.metrics,
+                        tags={"m2d2.cache_hits": ",".join(s for s, hit in hits.items() if hit) or "none",
+                              "m2d2.registered_model": registration.model_uri,
+                              "m2d2.champion": str(registration.promoted).lower(),
+                              "m2d2.registration_reason": registration.reason})
+    summary = {"mlflow_parent_run_id": parent_run_id, "tracking_uri": tracking_uri(), "cache_hits": hits,
+               "metrics": evaluation.metrics,
+               **{f"{metric_prefix(s.name)}_model": outputs[s.name].path for s in STAGES},
+               "report": evaluation.path,
+               "registration": dataclasses.asdict(registration)}
+    return write_pipeline_summary(cfg.data_root, summary)
+
+
+@dataclass
+class PipelineResult:
+    """Everything one execution produced."""
+
+    outputs: dict[str, StepOutput]  # "features", "embed" and every stage, by name
+    evaluation: StepOutput
+    registration: Registration
+    summary: Path
+    parent_run_id: str
+
+
+def run(cfg: PipelineConfig, execution: str | None = None) -> PipelineResult:
+    """Execute the pipeline of ``cfg`` in this process (stages in their own processes only if their topology asks
+    for more than one rank). Steps whose outputs already exist for the same inputs are reused."""
+    from m2d2.pipeline.data import build_corpus
+    from m2d2.pipeline.workspace import resolve_corpus_source
+    from m2d2.tracking import start_pipeline_run
+
+    workspace = workspace_token(cfg.data_root)
+    cfg = rooted(cfg, workspace)
+    parent = start_pipeline_run(execution or f"local-{uuid.uuid4().hex[:12]}", experiment=cfg.experiment,
+                                params=dataclasses.asdict(cfg), tags={"m2d2.preset": cfg.preset,
+                                                                      "m2d2.driver": "m2d2.pipeline.run"})
+    source = resolve_corpus_source(cfg.corpus_source)
+    corpus_dir = source or str(build_corpus(cfg))
+    outputs: dict[str, StepOutput] = {
+        "features": features_step(cfg, corpus_dir, parent),
+        "embed": captions_step(cfg, corpus_dir, parent),
+    }
+    for stage in STAGES:
+        upstream = outputs["embed"] if stage.trains_on == CAPTIONS else outputs[stage.trains_on]
+        outputs[stage.name] = run_stage(stage, getattr(cfg, stage.section), workspace, outputs["features"].path,
+                                        upstream, parent, cfg.run_key)
+    stages = {s.name: outputs[s.name] for s in STAGES}
+    evaluation, _ = evaluate_step(cfg, outputs["features"], outputs["embed"], stages, parent)
+    registration = register_step(cfg, stages[STAGES[-1].name], evaluation)
+    summary = finish(cfg, parent, outputs, evaluation, registration)
+    return PipelineResult(outputs, evaluation, registration, summary, parent)

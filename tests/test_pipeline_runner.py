@@ -1,0 +1,75 @@
+"""The pipeline in one process (m2d2.pipeline.run): same steps and outputs as the Flyte workflow, reuse of finished
+steps, re-running only what a changed section affects, and the smoke pipeline's exports against golden digests.
+
+The golden file pins the bytes every stage exports on the smoke preset. A change that moves them is a change of
+behaviour: if it is deliberate, regenerate the file in the same commit (``M2D2_UPDATE_GOLDEN=1 pytest
+tests/test_pipeline_runner.py``) and say why in the commit message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+from pathlib import Path
+
+import pytest
+import torch
+
+from m2d2.pipeline import STAGES, PipelineConfig, run
+
+GOLDEN = Path(__file__).parent / "golden" / "smoke_exports.json"
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _platform() -> dict[str, str]:
+    """What the exact bytes depend on besides the code: float kernels differ across torch builds and CPUs."""
+    return {"torch": torch.__version__, "cpu": _cpu(), "machine": platform.machine()}
+
+
+def _digests(result) -> dict[str, str]:
+    return {s.name: hashlib.sha256((Path(result.outputs[s.name].path) / "model.safetensors").read_bytes()).hexdigest()
+            for s in STAGES}
+
+
+@pytest.mark.slow
+def test_smoke_pipeline_in_process_matches_golden_and_reruns_only_what_changed(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cfg = PipelineConfig.from_preset("smoke", data_root=str(tmp_path / "data"), experiment="runner")
+    first = run(cfg)
+    digests = _digests(first)
+    if os.environ.get("M2D2_UPDATE_GOLDEN") == "1":
+        GOLDEN.write_text(json.dumps({"platform": _platform(), "exports": digests}, indent=2) + "\n")
+    golden = json.loads(GOLDEN.read_text())
+    if golden["platform"] != _platform():
+        pytest.skip(f"golden digests were recorded on {golden['platform']}, this is {_platform()}: exact bytes are "
+                    "only comparable on the same torch build and CPU")
+    assert digests == golden["exports"], "the smoke pipeline's exports changed: a change of behaviour (see docstring)"
+    summary = json.loads(first.summary.read_text())
+    assert not any(summary["cache_hits"].values()) and first.registration.promoted
+
+    # The same config again: every step is reused, with the run that produced it.
+    again = run(cfg)
+    hits = json.loads(again.summary.read_text())["cache_hits"]
+    assert all(hits.values()) and set(hits) == {"features", "embed", "evaluate", *(s.name for s in STAGES)}
+    assert again.outputs["stage2"].mlflow_run_id == first.outputs["stage2"].mlflow_run_id
+
+    # Stage 2.1's settings changed: it and what follows it run again; everything before it is reused.
+    changed = dataclasses.replace(cfg, stage21=cfg.stage21.replace(seed=1))
+    third = run(changed)
+    hits = json.loads(third.summary.read_text())["cache_hits"]
+    assert hits == {"features": True, "embed": True, "stage1": True, "stage1.1": True, "stage2": True,
+                    "stage2.1": False, "evaluate": False}
+    assert third.outputs["stage2.1"].path != first.outputs["stage2.1"].path
+    assert third.registration.version != first.registration.version  # a new model, a new version
