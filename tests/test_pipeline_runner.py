@@ -18,9 +18,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from m2d2.pipeline import STAGES, PipelineConfig, run
+from m2d2.pipeline import STAGES, PipelineConfig, registry, run
+from m2d2.pipeline.registry import Stage
 
 GOLDEN = Path(__file__).parent / "golden" / "smoke_exports.json"
+
+
+def copy_stage(cfg, feature_dir, source, out_dir, parent_run_id=None, checkpoint_root=None):
+    """The runner of a stage added by a test: re-exports its input (a real stage would train here)."""
+    from m2d2.models import M2D2
+    from m2d2.train.stages import StageOutput
+
+    export = Path(out_dir) / "model"
+    M2D2.from_pretrained(source).save_pretrained(str(export))
+    return StageOutput(export_dir=str(export), checkpoint_dir=str(out_dir), mlflow_run_id=None, steps=0)
 
 
 def _cpu() -> str:
@@ -73,3 +84,19 @@ def test_smoke_pipeline_in_process_matches_golden_and_reruns_only_what_changed(t
                     "stage2.1": False, "evaluate": False}
     assert third.outputs["stage2.1"].path != first.outputs["stage2.1"].path
     assert third.registration.version != first.registration.version  # a new model, a new version
+
+    # Adding a stage: one declaration in the registry plus its runner; the in-process driver and evaluation walk it.
+    added = Stage("stage2.2", section="stage21", trains_on="stage2.1", runner="test_pipeline_runner:copy_stage",
+                  optional=True, baseline="stage2", title="stage 2.2")
+    monkeypatch.setattr(registry, "STAGES", (*STAGES, added))
+    fourth = run(changed)
+    hits = json.loads(fourth.summary.read_text())["cache_hits"]
+    assert hits["stage2.1"] and not hits["stage2.2"] and not hits["evaluate"]
+    metrics = fourth.evaluation.metrics
+    assert metrics["stage22/zs_acc"] == metrics["stage21/zs_acc"]  # the same weights, re-exported
+    assert "stage22_zs_gain" in metrics and fourth.outputs["stage2.2"].path.startswith(str(tmp_path / "data"))
+    # The Flyte workflow needs that stage's task (Flyte's third place) and says so.
+    import workflows.full as wf
+
+    with pytest.raises(KeyError, match="has no task for it"):
+        wf.stage_task("stage2.2")

@@ -336,6 +336,14 @@ def stage21(section: TrainStageConfig, workspace: str, features: Artifact, sourc
 STAGE_TASKS = {"stage1": stage1, "stage1.1": stage11, "stage2": stage2, "stage2.1": stage21}
 
 
+def stage_task(name: str):
+    """The Flyte task of registered stage ``name``."""
+    if name not in STAGE_TASKS:
+        raise KeyError(f"stage {name!r} is in m2d2.pipeline.registry.STAGES but workflows/full.py has no task for "
+                       "it: add one like `stage2` (Flyte runs only module-level tasks, each with its own topology)")
+    return STAGE_TASKS[name]
+
+
 @cpu_task("evaluate", cache=Cache(version="evaluate-4", ignored_inputs=TRACKING), enable_deck=True)
 def evaluate(cfg: PipelineConfig, workspace: str, features: Artifact, captions: Artifact,
              stages: dict[str, Artifact], parent_run_id: str) -> Artifact:
@@ -403,7 +411,7 @@ def full(cfg: PipelineConfig = PipelineConfig()) -> FlyteFile:  # noqa: B008 (Fl
     outputs = {"features": features, "embed": captions}
     for stage in STAGES:
         source = captions if stage.trains_on == CAPTIONS else outputs[stage.trains_on]
-        outputs[stage.name] = STAGE_TASKS[stage.name](section=getattr(cfg, stage.section), workspace=workspace,
+        outputs[stage.name] = stage_task(stage.name)(section=getattr(cfg, stage.section), workspace=workspace,
                                                       features=features, source=source, run_key=cfg.run_key,
                                                       parent_run_id=parent)
     stages = {stage.name: outputs[stage.name] for stage in STAGES}

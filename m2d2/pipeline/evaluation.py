@@ -11,6 +11,7 @@ from m2d2.data.features import LogMelStore
 from m2d2.eval.clap import ClapEvalSet, evaluate_clap
 from m2d2.eval.metrics import mean_and_std
 from m2d2.models import M2D2, M2D2Config
+from m2d2.pipeline import registry
 from m2d2.pipeline.config import PROMPT_TEMPLATE, PipelineConfig
 from m2d2.text.cache import CaptionEmbeddings
 from m2d2.tracking import StageRun
@@ -27,23 +28,23 @@ def evaluate_stages(
     cfg: PipelineConfig,
     feature_dir: str | Path,
     caption_cache: str | Path,
-    stage1_export: str | Path,
-    stage11_export: str | Path,
-    stage2_export: str | Path,
-    stage21_export: str | Path,
+    exports: dict[str, str],
     parent_run_id: str | None = None,
-    stage11_metrics: dict[str, float] | None = None,
+    stage_metrics: dict[str, dict[str, float]] | None = None,
     report_dir: str | Path | None = None,
 ) -> tuple[dict[str, float], str | None]:
-    """Zero-shot and retrieval of the CLAP models of stages 1, 2 and 2.1 against random-init baselines.
+    """Every registered stage's model scored as the registry says: CLAP stages by zero-shot and retrieval against
+    their random-initialisation baseline, tagging stages by the metrics they measured themselves (``stage_metrics``).
 
-    Baselines keep the text side each stage starts from: stage 1 — random audio encoder, projector and text
-    map with the same offline caption vectors; stage 2 (and 2.1, which continues it) — the frozen stage-1.1
-    encoder with a fresh projector and the untouched pretrained text encoder. Each is averaged over
-    ``baseline_inits`` seeds. Stage 1.1's tagging mAP (measured by the stage itself) is passed through.
-    With ``report_dir``, the final model also gets the full suite (:func:`m2d2.eval.suite.evaluate_suite`:
-    linear probe, R@50, confusion matrix, t-SNE, projector attention) and its HTML report, logged to MLflow.
+    ``exports`` maps each stage's name to its export (a switched-off stage maps to the export it passed through).
+    Baselines keep the text side their stage starts from: a stage trained on the caption vectors is compared with a
+    random audio encoder, projector and text map over the same vectors; a stage that starts from another stage's
+    export (stage 2) with that frozen encoder, a fresh projector and the untouched pretrained text encoder. Each is
+    averaged over ``baseline_inits`` seeds. With ``report_dir``, the last stage's model also gets the full suite
+    (:func:`m2d2.eval.suite.evaluate_suite`: linear probe, R@50, confusion matrix, t-SNE, projector attention) and
+    its HTML report, logged to MLflow.
     """
+    stages = registry.STAGES
     data = eval_set(feature_dir, cfg.prompt_template)
     cache = CaptionEmbeddings(caption_cache)
 
@@ -51,57 +52,41 @@ def evaluate_stages(
         return torch.from_numpy(cache.lookup(texts).astype(np.float32))
 
     results: dict[str, float] = {}
-    stage1 = M2D2.from_pretrained(str(stage1_export))
-    cache.check_encoder(stage1.config.text.offline)
-    _put(results, "stage1", evaluate_clap(stage1, data, text_embedder=offline_text))
-    baselines = []
-    for k in range(cfg.baseline_inits):
-        torch.manual_seed(10_000 + k)
-        random_model = M2D2(stage1.config, with_m2d=False)
-        baselines.append(evaluate_clap(random_model, data, text_embedder=offline_text))
-    _put(results, "stage1_baseline", mean_and_std(baselines))
-    _put(results, "stage11", stage11_metrics or {})
-    _put(results, "stage2", evaluate_clap(M2D2.from_pretrained(str(stage2_export)), data))
-    final = M2D2.from_pretrained(str(stage21_export))
-    _put(results, "stage21", evaluate_clap(final, data))
-    # Stage-2 baselines differ only in the fresh projector: the frozen encoder and the untouched pretrained text
-    # encoder are the same for every seed, so the text vectors are computed once and each seed re-draws the projector.
-    fresh = M2D2.from_pretrained(str(stage11_export))
-    fresh.start_stage2(M2D2Config.preset(cfg.stage2.model_preset).text.encoder)
-    texts = sorted({c for caps in data.captions for c in caps} | set(data.prompts()))
-    with torch.inference_mode():
-        raw = torch.cat([fresh.text_encoder(texts[i : i + 64]) for i in range(0, len(texts), 64)])
-    row = {t: i for i, t in enumerate(texts)}
-
-    def pretrained_text(batch: list[str]) -> torch.Tensor:
-        return raw[[row[t] for t in batch]]
-
-    baselines = []
-    for k in range(cfg.baseline_inits):
-        torch.manual_seed(20_000 + k)
-        fresh.audio_proj.reset_parameters()
-        baselines.append(evaluate_clap(fresh, data, text_embedder=pretrained_text))
-    _put(results, "stage2_baseline", mean_and_std(baselines))
+    models: dict[str, M2D2] = {}
+    for stage in stages:
+        prefix = registry.metric_prefix(stage.name)
+        if stage.evaluation == "tagging":
+            _put(results, prefix, (stage_metrics or {}).get(stage.name, {}))
+            continue
+        model = models[stage.name] = M2D2.from_pretrained(str(exports[stage.name]))
+        if stage.trains_on == registry.CAPTIONS:
+            cache.check_encoder(model.config.text.offline)
+            _put(results, prefix, evaluate_clap(model, data, text_embedder=offline_text))
+        else:
+            _put(results, prefix, evaluate_clap(model, data))
+    for name in dict.fromkeys(s.baseline for s in stages if s.evaluation == "clap" and s.baseline):
+        _put(results, f"{registry.metric_prefix(name)}_baseline",
+             _baseline(cfg, registry.stage(name, stages), models[name], exports, data, offline_text))
     results["num_classes"] = float(len(data.class_names))
     results["num_eval_clips"] = float(len(data.labels))
-    for stage, baseline in (("stage1", "stage1"), ("stage2", "stage2"), ("stage21", "stage2")):
-        results[f"{stage}_zs_gain"] = results[f"{stage}/zs_acc"] - results[f"{baseline}_baseline/zs_acc"]
+    for stage in stages:
+        if stage.evaluation == "clap" and stage.baseline:
+            prefix, base = registry.metric_prefix(stage.name), registry.metric_prefix(stage.baseline)
+            results[f"{prefix}_zs_gain"] = results[f"{prefix}/zs_acc"] - results[f"{base}_baseline/zs_acc"]
+    final_stage = stages[-1]
     suite = None
     if report_dir is not None:
         from m2d2.eval.suite import evaluate_suite
 
-        suite = evaluate_suite(final, data, report_dir,
-                               title="M2D2 final model (stage 2.1)")
+        final = models.get(final_stage.name) or M2D2.from_pretrained(str(exports[final_stage.name]))
+        suite = evaluate_suite(final, data, report_dir, title=f"M2D2 final model ({final_stage.title or final_stage.name})")
         _put(results, "final", {k: v for k, v in suite.metrics.items() if k.startswith(("probe_", "a2t_R50",
                                                                                         "t2a_R50", "zs_"))})
     run_id = None
     if parent_run_id:
-        with StageRun(parent_run_id, "evaluate", params={"baseline_inits": cfg.baseline_inits,
-                                                         "prompt_template": cfg.prompt_template,
-                                                         "stage1": str(stage1_export),
-                                                         "stage1.1": str(stage11_export),
-                                                         "stage2": str(stage2_export),
-                                                         "stage2.1": str(stage21_export)}) as run:
+        params = {"baseline_inits": cfg.baseline_inits, "prompt_template": cfg.prompt_template,
+                  **{s.name: str(exports[s.name]) for s in stages}}
+        with StageRun(parent_run_id, "evaluate", params=params) as run:
             run.log_metrics(results, step=0)
             run.log_dict(results, "metrics.json")
             run_id = run.run_id
@@ -110,6 +95,34 @@ def evaluate_stages(
 
                 log_report(suite.report_dir, run_id, "report")
     return results, run_id
+
+
+def _baseline(cfg: PipelineConfig, stage: registry.Stage, trained: M2D2, exports: dict[str, str], data: ClapEvalSet,
+              offline_text) -> dict[str, float]:
+    """Mean and std over ``cfg.baseline_inits`` seeds of the random-initialisation baseline of ``stage``."""
+    baselines = []
+    if stage.trains_on == registry.CAPTIONS:
+        for k in range(cfg.baseline_inits):
+            torch.manual_seed(10_000 + k)
+            baselines.append(evaluate_clap(M2D2(trained.config, with_m2d=False), data, text_embedder=offline_text))
+        return mean_and_std(baselines)
+    # Only the fresh projector differs between seeds: the frozen encoder and the untouched pretrained text encoder
+    # are the same for every seed, so the text vectors are computed once and each seed re-draws the projector.
+    fresh = M2D2.from_pretrained(str(exports[stage.trains_on]))
+    fresh.start_stage2(M2D2Config.preset(getattr(cfg, stage.section).model_preset).text.encoder)
+    texts = sorted({c for caps in data.captions for c in caps} | set(data.prompts()))
+    with torch.inference_mode():
+        raw = torch.cat([fresh.text_encoder(texts[i : i + 64]) for i in range(0, len(texts), 64)])
+    row = {t: i for i, t in enumerate(texts)}
+
+    def pretrained_text(batch: list[str]) -> torch.Tensor:
+        return raw[[row[t] for t in batch]]
+
+    for k in range(cfg.baseline_inits):
+        torch.manual_seed(20_000 + k)
+        fresh.audio_proj.reset_parameters()
+        baselines.append(evaluate_clap(fresh, data, text_embedder=pretrained_text))
+    return mean_and_std(baselines)
 
 
 def _put(results: dict[str, float], prefix: str, metrics: dict[str, float]) -> None:

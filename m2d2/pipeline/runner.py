@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from m2d2 import io
+from m2d2.pipeline import registry
 from m2d2.pipeline.config import PipelineConfig
-from m2d2.pipeline.registry import CAPTIONS, STAGES, Stage, metric_prefix
+from m2d2.pipeline.registry import CAPTIONS, Stage, metric_prefix
 from m2d2.pipeline.workspace import rooted, step_key, workspace_token
 
 log = logging.getLogger(__name__)
@@ -147,16 +148,16 @@ def evaluate_step(cfg: PipelineConfig, features: StepOutput, captions: StepOutpu
     """Every stage's metrics against its baseline and the final model's report; reused when nothing changed."""
     from m2d2.pipeline.evaluation import evaluate_stages
 
-    exports = [stages[s.name].path for s in STAGES]
-    data_root = cfg.data_root
-    directory = Path(data_root) / "evaluate" / step_key(cfg.baseline_inits, cfg.prompt_template,
-                                                         cfg.stage2.model_preset, *exports)
+    exports = {s.name: stages[s.name].path for s in registry.STAGES}
+    directory = Path(cfg.data_root) / "evaluate" / step_key(
+        cfg.baseline_inits, cfg.prompt_template, [(s.name, getattr(cfg, s.section).model_preset, exports[s.name])
+                                                  for s in registry.STAGES])
     report_dir = directory / "report"
 
     def make() -> StepOutput:
         metrics, run_id = evaluate_stages(
-            cfg, features.path, Path(captions.path) / CAPTION_FILE, *exports, parent_run_id,
-            stage11_metrics=stages["stage1.1"].metrics, report_dir=report_dir)
+            cfg, features.path, Path(captions.path) / CAPTION_FILE, exports, parent_run_id,
+            stage_metrics={name: out.metrics for name, out in stages.items()}, report_dir=report_dir)
         return StepOutput(path=str(report_dir.resolve()), mlflow_run_id=run_id or "", metrics=metrics)
 
     return _reuse_or_run(directory, ("report",), make), report_dir
@@ -206,7 +207,7 @@ def finish(cfg: PipelineConfig, parent_run_id: str, outputs: dict[str, StepOutpu
                               "m2d2.registration_reason": registration.reason})
     summary = {"mlflow_parent_run_id": parent_run_id, "tracking_uri": tracking_uri(), "cache_hits": hits,
                "metrics": evaluation.metrics,
-               **{f"{metric_prefix(s.name)}_model": outputs[s.name].path for s in STAGES},
+               **{f"{metric_prefix(s.name)}_model": outputs[s.name].path for s in registry.STAGES},
                "report": evaluation.path,
                "registration": dataclasses.asdict(registration)}
     return write_pipeline_summary(cfg.data_root, summary)
@@ -241,12 +242,12 @@ def run(cfg: PipelineConfig, execution: str | None = None) -> PipelineResult:
         "features": features_step(cfg, corpus_dir, parent),
         "embed": captions_step(cfg, corpus_dir, parent),
     }
-    for stage in STAGES:
+    for stage in registry.STAGES:
         upstream = outputs["embed"] if stage.trains_on == CAPTIONS else outputs[stage.trains_on]
         outputs[stage.name] = run_stage(stage, getattr(cfg, stage.section), workspace, outputs["features"].path,
                                         upstream, parent, cfg.run_key)
-    stages = {s.name: outputs[s.name] for s in STAGES}
+    stages = {s.name: outputs[s.name] for s in registry.STAGES}
     evaluation, _ = evaluate_step(cfg, outputs["features"], outputs["embed"], stages, parent)
-    registration = register_step(cfg, stages[STAGES[-1].name], evaluation)
+    registration = register_step(cfg, stages[registry.STAGES[-1].name], evaluation)
     summary = finish(cfg, parent, outputs, evaluation, registration)
     return PipelineResult(outputs, evaluation, registration, summary, parent)
