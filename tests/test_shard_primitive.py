@@ -134,6 +134,15 @@ def test_a_killed_local_build_leaves_no_temporary_file_behind(tmp_path):
     assert [p.name for p in tmp_path.glob(".*.tmp")] == [".shard-000040.npy.12345.tmp"]
 
 
+def test_one_npy_header_writer_for_both_jobs(tmp_path):
+    from m2d2.data import shards as logmel
+    from m2d2.text import index
+
+    np.save(tmp_path / "x.npy", DATA)
+    assert (tmp_path / "x.npy").read_bytes() == NPY
+    assert logmel.npy_header is index.npy_header is npy_header
+
+
 def test_shard_refs_name_one_plan():
     refs = shard_refs("s3://bucket/store/plan.json", 3, workspace="/data#abc")
     assert refs[2] == ShardRef("s3://bucket/store/plan.json", 2, "/data#abc") and plan_of(refs) == refs[0].plan
@@ -142,3 +151,9 @@ def test_shard_refs_name_one_plan():
     with pytest.raises(ValueError, match="one plan"):
         plan_of([])
 
+
+def test_flyte_maps_a_task_over_shard_refs():
+    """The workflow's map tasks take ShardRefs: Flyte carries the dataclass through a map over a list of them."""
+    from flyte_shard_refs import mapped
+
+    assert mapped() == "plan.json|plan.json:0:ws,plan.json:1:ws,plan.json:2:ws"
