@@ -660,7 +660,7 @@ def run_captions(p: Preset, ctx: Context, deadline: float, decoder_layers: int |
         shard = embed_shard(plan, 0, work, encoder=encoder)
         _sync(device)
         seconds = time.perf_counter() - began
-        vectors = np.load(plan.shard_dir(work, 0) / VECTORS).astype(np.float32)
+        vectors = np.load(plan.shard(work, 0).uri(VECTORS)).astype(np.float32)
         reference = np.stack([naive_by_text[t] for t in plan.captions]).astype(np.float16).astype(np.float32)
         rel = np.linalg.norm(vectors - reference, axis=1) / np.linalg.norm(reference, axis=1)
         result["variants"].append({

@@ -112,7 +112,7 @@ def join(base: str | os.PathLike, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
 
 
-def atomic_write_bytes(uri: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(uri: str | os.PathLike, data: bytes | bytearray) -> None:
     if is_local(uri):
         path = local_path(uri)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -126,9 +126,9 @@ def atomic_write_bytes(uri: str | os.PathLike, data: bytes) -> None:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-    else:
-        with fsspec.open(str(uri), "wb") as handle:
-            handle.write(data)
+    else:  # one PUT, or a multipart upload that is aborted on error: never a partial object
+        fs, path = fsspec.core.url_to_fs(str(uri))
+        fs.pipe_file(path, data)
 
 
 def read_bytes(uri: str | os.PathLike) -> bytes:

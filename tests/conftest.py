@@ -56,6 +56,24 @@ def moto_s3(bucket: str) -> Iterator[str]:
         server.stop()
 
 
+@pytest.fixture(scope="module")
+def s3():
+    """An s3fs file system on a moto server with bucket ``m2d2-data``, which the library's own ``s3://`` I/O
+    reaches too (credentials and endpoint in the environment and fsspec's config for the module's tests)."""
+    import fsspec
+
+    with moto_s3("m2d2-data") as endpoint:
+        patch = pytest.MonkeyPatch()
+        for key, value in (("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"),
+                           ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_ENDPOINT_URL_S3", endpoint)):
+            patch.setenv(key, value)
+        fsspec.config.conf["s3"] = {"client_kwargs": {"endpoint_url": endpoint}}
+        fsspec.filesystem("s3").invalidate_cache()
+        yield fsspec.filesystem("s3", skip_instance_cache=True)
+        fsspec.config.conf.pop("s3", None)
+        patch.undo()
+
+
 def tiny_config(text_dim: int = 48, input_frames: int = 64, feature_grad_scale: float = 1.0) -> M2D2Config:
     """64-d, 1-block encoder on 80x64 crops (5x4 patches); offline text of ``text_dim`` (a Linear map if != 64)."""
     return M2D2Config(

@@ -12,10 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 import torch
-from conftest import moto_s3
 
+from m2d2 import shards as shards_module
 from m2d2.audio import LogMelSpectrogram, load_audio
-from m2d2.data import shards as shards_module
 from m2d2.data.features import LogMelStore, extract_features, load_norm_stats, store_report
 from m2d2.data.manifest import manifest_table, write_manifest
 from m2d2.data.shards import (
@@ -23,9 +22,10 @@ from m2d2.data.shards import (
     IncompleteStoreError,
     LogMelClip,
     build_shard,
-    finalize_store,
+    finish_store,
     import_logmels,
-    plan_shards,
+    plan_store,
+    read_plan,
     shard_uri,
 )
 
@@ -148,12 +148,12 @@ def test_stored_log_mels_match_the_front_end_within_float16(local_store, corpus)
 
 def test_shards_are_independent_idempotent_and_sharding_does_not_change_the_result(corpus, local_store, tmp_path):
     out, stats = local_store
-    plan = plan_shards(str(corpus), str(tmp_path / "s"), str(corpus.parent), CFG, ("train", "eval"))
+    plan = plan_store(str(corpus), str(tmp_path / "s"), str(corpus.parent), CFG, ("train", "eval"))
     assert len(plan) >= 4 and {s.split for s in plan.shards} == {"train", "eval"}
-    assert plan == type(plan).from_json(plan.to_json())
+    assert plan == type(plan).from_json(plan.to_json()) == read_plan(plan.uri)
     for k in reversed(range(len(plan))):  # any order, as map tasks finish
         assert build_shard(plan, k, progress=False).status == "built"
-    report = finalize_store(plan)
+    report = finish_store(plan)
     assert [build_shard(plan, k, progress=False).status for k in range(len(plan))] == ["skipped"] * len(plan)
     # A crash that lost shard 2's marker: only shard 2 is redone, to identical bytes.
     npy = Path(shard_uri(str(tmp_path / "s"), 2, "npy"))
@@ -161,29 +161,29 @@ def test_shards_are_independent_idempotent_and_sharding_does_not_change_the_resu
     Path(shard_uri(str(tmp_path / "s"), 2, "done.json")).unlink()
     assert [build_shard(plan, k, progress=False).status for k in range(len(plan))].count("built") == 1
     assert hashlib.sha256(npy.read_bytes()).hexdigest() == before
-    assert finalize_store(plan).counts == report.counts
+    assert finish_store(plan).counts == report.counts
     # One big shard per split (extract_features above used many small ones): same clips, same statistics.
-    single = plan_shards(str(corpus), str(tmp_path / "one"), str(corpus.parent),
+    single = plan_store(str(corpus), str(tmp_path / "one"), str(corpus.parent),
                          FeatureConfig(**{**CFG.__dict__, "shard_mb": 256.0}), ("train", "eval"))
     assert len(single) == 2
     for k in range(len(single)):
         build_shard(single, k, progress=False)
-    one = finalize_store(single)
+    one = finish_store(single)
     assert one.norm_stats.mean == pytest.approx(stats.mean, rel=1e-12) and one.norm_crops == report.norm_crops
     a, b = LogMelStore(out, "train"), LogMelStore(tmp_path / "one", "train")
     assert list(a.clip_ids) == list(b.clip_ids) and all(np.array_equal(a[i], b[i]) for i in range(len(a)))
 
 
 def test_a_changed_plan_invalidates_committed_shards_before_rewriting(corpus, tmp_path):
-    plan = plan_shards(str(corpus), str(tmp_path / "s"), str(corpus.parent), CFG, ("eval",))
+    plan = plan_store(str(corpus), str(tmp_path / "s"), str(corpus.parent), CFG, ("eval",))
     for k in range(len(plan)):
         build_shard(plan, k, progress=False)
-    finalize_store(plan)
+    finish_store(plan)
     assert (tmp_path / "s" / "_COMPLETE.json").exists()
-    other = plan_shards(str(corpus), str(tmp_path / "s"), str(corpus.parent),
+    other = plan_store(str(corpus), str(tmp_path / "s"), str(corpus.parent),
                         FeatureConfig(**{**CFG.__dict__, "max_seconds": 0.5}), ("eval",))
     with pytest.raises(IncompleteStoreError, match="not committed"):
-        finalize_store(other)
+        finish_store(other)
     calls = []
     original = shards_module._put
 
@@ -220,22 +220,6 @@ def test_import_of_reference_style_npy_clips(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------- s3://
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    import fsspec
-
-    with moto_s3("m2d2-data") as endpoint:
-        patch = pytest.MonkeyPatch()
-        for key, value in (("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"),
-                           ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_ENDPOINT_URL_S3", endpoint)):
-            patch.setenv(key, value)
-        fsspec.config.conf["s3"] = {"client_kwargs": {"endpoint_url": endpoint}}
-        fsspec.filesystem("s3").invalidate_cache()
-        yield fsspec.filesystem("s3", skip_instance_cache=True)
-        fsspec.config.conf.pop("s3", None)
-        patch.undo()
-
-
 def test_s3_crash_mid_shard_then_rerun_loses_nothing(s3, corpus, local_store, tmp_path, monkeypatch):
     out, stats = local_store
     # Corpus and store both on S3: the manifest, the audio and every store file go through s3fs.
@@ -243,7 +227,7 @@ def test_s3_crash_mid_shard_then_rerun_loses_nothing(s3, corpus, local_store, tm
         if path.is_file():
             s3.put_file(str(path), f"m2d2-data/corpus/{path.relative_to(corpus.parent)}")
     store = "s3://m2d2-data/features/run-1"
-    plan = plan_shards("s3://m2d2-data/corpus/manifest.parquet", store, None, CFG, ("train", "eval"))
+    plan = plan_store("s3://m2d2-data/corpus/manifest.parquet", store, None, CFG, ("train", "eval"))
     assert plan.audio_root == "s3://m2d2-data/corpus"
     original = shards_module._put
 
@@ -261,12 +245,12 @@ def test_s3_crash_mid_shard_then_rerun_loses_nothing(s3, corpus, local_store, tm
     assert s3.exists("m2d2-data/features/run-1/shards/shard-00001.npy")
     assert not s3.exists("m2d2-data/features/run-1/shards/shard-00001.done.json")
     with pytest.raises(IncompleteStoreError, match=r"\[1, 2"):
-        finalize_store(plan)
+        finish_store(plan)
     with pytest.raises(FileNotFoundError, match="not a complete feature store"):
         LogMelStore(store, "train", cache_dir=tmp_path / "cache")
     statuses = [build_shard(plan, k, progress=False).status for k in range(len(plan))]
     assert statuses[0] == "skipped" and statuses[1:] == ["built"] * (len(plan) - 1)
-    report = finalize_store(plan)
+    report = finish_store(plan)
     assert report.norm_stats.mean == pytest.approx(stats.mean, rel=1e-12)  # same numbers as the local store
     remote, local = LogMelStore(store, "train", cache_dir=tmp_path / "cache"), LogMelStore(out, "train")
     assert list(remote.clip_ids) == list(local.clip_ids)

@@ -15,13 +15,22 @@ import torch
 from conftest import MINILM
 
 from m2d2.models import OfflineTextConfig
+from m2d2.shards import is_committed
 from m2d2.text import OfflineTextEncoder
 from m2d2.text.cache import CaptionEmbeddings, caption_hash, default_workdir, embed_captions
 from m2d2.text.choice import choose_caption, clip_weights
 from m2d2.text.encoders import TextEncoderPlugin, register_encoder
 from m2d2.text.index import write_index
 from m2d2.text.keys import caption_key, normalize_caption, unique_captions
-from m2d2.text.shards import MARKER, VECTORS, ShardPlan, embed_shard, merge_shards, plan_shards, shard_done
+from m2d2.text.shards import (
+    VECTORS,
+    embed_shard,
+    merge_shards,
+    plan_shards,
+    plan_workdir,
+    read_plan,
+    remove_workdir,
+)
 
 LABELS = ["Speech", "Music", "Dog", "Rain", "Vehicle", "Bird", "Engine", "Water"]
 
@@ -112,7 +121,7 @@ def test_one_and_three_shards_give_the_same_bytes(toy, tmp_path):
     assert _files(one) == _files(three)  # matrix and index, byte for byte
     assert not default_workdir(one).exists()  # shards are removed after the merge
     a, b = CaptionEmbeddings(one), CaptionEmbeddings(three)
-    assert a.meta["content_hash"] == b.meta["content_hash"] and len(a) == a.meta["rows"]
+    assert a.meta["sha256"] == b.meta["sha256"] and len(a) == a.meta["rows"]
     np.testing.assert_array_equal(a.lookup(texts), b.lookup(texts))
     # ... and the same bytes on a re-run, which finds the cache up to date and computes nothing.
     CALLS["n"] = 0
@@ -146,11 +155,10 @@ def test_killed_run_resumes_to_the_same_output(toy, tmp_path):
     CALLS.update(n=0, fail_at=batches_in[0] + 2)  # dies inside shard 1, after shard 0 was committed
     with pytest.raises(KeyboardInterrupt):
         embed_captions(texts, toy, out, batch_size=8, n_shards=3, bucket=True)
-    assert shard_done(plan, 0, work) and not shard_done(plan, 1, work) and not out.exists()
+    assert is_committed(plan.shard(work, 0)) and not is_committed(plan.shard(work, 1)) and not out.exists()
     # What a SIGKILL could also leave: a partial temporary file, and shard 2's vectors without their marker.
-    (plan.shard_dir(work, 1) / f".{VECTORS}.999.tmp").write_bytes(b"partial")
-    plan.shard_dir(work, 2).mkdir(parents=True)
-    (plan.shard_dir(work, 2) / VECTORS).write_bytes(b"\x93NUMPY half-written")
+    (work / f".{plan.shard(work, 1).name}.{VECTORS}.999.tmp").write_bytes(b"partial")
+    Path(plan.shard(work, 2).uri(VECTORS)).write_bytes(b"\x93NUMPY half-written")
 
     CALLS.update(n=0, fail_at=None)
     embed_captions(texts, toy, out, batch_size=8, n_shards=3, bucket=True)
@@ -162,8 +170,7 @@ def test_map_task_flow_in_any_order_and_merge_checks(toy, tmp_path):
     """plan -> save; shards run separately (here in reverse order, one process each would do the same) -> merge."""
     texts = captions()
     work = tmp_path / "work"
-    plan_shards(texts, 4, toy, batch_size=8).save(work)
-    plan = ShardPlan.load(work)
+    plan = read_plan(plan_shards(texts, 4, toy, batch_size=8).save(work))
     for shard in reversed(range(plan.n_shards)):
         assert not embed_shard(plan, shard, work).skipped
     assert embed_shard(plan, 0, work).skipped
@@ -172,18 +179,45 @@ def test_map_task_flow_in_any_order_and_merge_checks(toy, tmp_path):
     merge_shards(plan, work, tmp_path / "out" / "captions.parquet")
     assert _files(tmp_path / "out" / "captions.parquet") == _files(reference)
 
-    vectors = plan.shard_dir(work, 2) / VECTORS
+    vectors = Path(plan.shard(work, 2).uri(VECTORS))
     data = bytearray(vectors.read_bytes())
     data[-1] ^= 0xFF  # silent corruption after the marker was written
     vectors.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="does not match the hash"):
         merge_shards(plan, work, tmp_path / "bad" / "captions.parquet")
-    (plan.shard_dir(work, 1) / MARKER).unlink()
+    Path(plan.shard(work, 1).marker_uri).unlink()
     with pytest.raises(RuntimeError, match=r"1 of 4 caption shards are not complete.*\[1\]"):
         merge_shards(plan, work, tmp_path / "bad" / "captions.parquet")
-    marker = plan.shard_dir(work, 3) / MARKER
-    marker.write_text(json.dumps({**json.loads(marker.read_text()), "plan_id": "another plan"}))
-    assert not shard_done(plan, 3, work)
+    marker = Path(plan.shard(work, 3).marker_uri)
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "fingerprint": "another plan"}))
+    assert not is_committed(plan.shard(work, 3))
+
+
+def test_caption_shards_on_s3_merge_into_the_same_local_cache(toy, tmp_path, s3):
+    """Plan and shards under an s3:// work directory (a killed shard redone there); the merged cache is local."""
+    texts = captions()
+    reference = tmp_path / "ref" / "captions.parquet"
+    embed_captions(texts, toy, reference, batch_size=8, bucket=True)
+    work = f"s3://m2d2-data/captions/{tmp_path.name}"
+    uri = plan_shards(texts, 3, toy, batch_size=8).save(work)
+    assert uri == f"{work}/plan.parquet" and plan_workdir(uri) == work
+    plan = read_plan(uri)
+    for shard in range(plan.n_shards):
+        assert not embed_shard(plan, shard, work).skipped
+    assert embed_shard(plan, 1, work).skipped and s3.exists(plan.shard(work, 2).uri(VECTORS))
+    s3.rm(plan.shard(work, 2).marker_uri)  # killed after its vectors were uploaded: redone
+    CALLS["n"] = 0
+    assert not embed_shard(plan, 2, work).skipped
+    assert CALLS["n"] == plan.shard_batches[3] - plan.shard_batches[2]
+    out = tmp_path / "out" / "captions.parquet"
+    merge_shards(plan, work, out)
+    assert _files(out) == _files(reference)
+    remove_workdir(work)
+    assert not s3.exists(work)
+    # The one-process driver with an s3:// work directory: same bytes, the shards removed after the merge.
+    again = tmp_path / "again" / "captions.parquet"
+    embed_captions(texts, toy, again, batch_size=8, bucket=True, n_shards=2, workdir=f"{work}-2")
+    assert _files(again) == _files(reference) and not s3.exists(f"{work}-2")
 
 
 # ---------------------------------------------------------------------------------------------- cache reader

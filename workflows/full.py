@@ -27,6 +27,7 @@ from flytekit.types.structured import StructuredDataset
 from flytekitplugins.kfpytorch import Elastic
 
 from m2d2.pipeline import PipelineConfig
+from m2d2.shards import ShardRef
 from m2d2.train.config import TrainStageConfig
 
 # Launch topology of each training task. Flyte fixes it when a task is defined (registration), and the pod that
@@ -190,40 +191,42 @@ def make_corpus(cfg: PipelineConfig, workspace: str, source: str) -> Corpus:
 
 
 # Features and caption vectors: a plan task, a map task over its shards (on a cluster one pod per shard, run
-# side by side; locally one after the other), a finish task. Shard specs are "<plan uri>#<k>" strings: the plan
-# itself stays in the step's directory. Every element is cached; a failed element is retried on its own.
+# side by side; locally one after the other), a finish task. Shards travel as ShardRefs (the plan's URI, the
+# shard's number, the workspace token as a cache-key salt): the plan itself stays in the step's directory. Every
+# element is cached; a failed element is retried on its own.
 MAP_CONCURRENCY = int(os.environ.get("M2D2_MAP_CONCURRENCY", "64"))
 
 
-@cpu_task("small", cache=Cache(version="features-plan-1"))
-def plan_features(cfg: PipelineConfig, workspace: str, corpus: Corpus) -> tuple[str, list[str]]:
+@cpu_task("small", cache=Cache(version="features-plan-2"))
+def plan_features(cfg: PipelineConfig, workspace: str, corpus: Corpus) -> list[ShardRef]:
     from m2d2.pipeline import plan_features, rooted
 
-    return plan_features(rooted(cfg, workspace), _local(corpus.audio))
+    return plan_features(rooted(cfg, workspace), _local(corpus.audio), workspace)
 
 
-@cpu_task("shard", cache=Cache(version="features-shard-1"), retries=2)
-def feature_shard(spec: str) -> str:
+@cpu_task("shard", cache=Cache(version="features-shard-2"), retries=2)
+def feature_shard(ref: ShardRef) -> str:
     import json
 
     from m2d2.pipeline import build_feature_shard
 
-    return json.dumps(build_feature_shard(spec))
+    return json.dumps(build_feature_shard(ref))
 
 
-@cpu_task("small", cache=Cache(version="features-4", ignored_inputs=TRACKING))
-def finish_features(plan_uri: str, built: list[str], parent_run_id: str) -> Artifact:
+@cpu_task("small", cache=Cache(version="features-5", ignored_inputs=TRACKING))
+def finish_features(shards: list[ShardRef], built: list[str], parent_run_id: str) -> Artifact:
     from m2d2.pipeline import finish_features
+    from m2d2.shards import plan_of
 
-    out, run_id = finish_features(plan_uri, parent_run_id or None)
+    out, run_id = finish_features(plan_of(shards), parent_run_id or None)
     return Artifact(path=_out(out), mlflow_run_id=run_id or "")
 
 
-@cpu_task("small", cache=Cache(version="captions-plan-1"))
-def plan_captions(cfg: PipelineConfig, workspace: str, corpus: Corpus) -> tuple[str, list[str]]:
+@cpu_task("small", cache=Cache(version="captions-plan-2"))
+def plan_captions(cfg: PipelineConfig, workspace: str, corpus: Corpus) -> list[ShardRef]:
     from m2d2.pipeline import plan_captions, rooted
 
-    return plan_captions(rooted(cfg, workspace), _local(corpus.audio))
+    return plan_captions(rooted(cfg, workspace), _local(corpus.audio), workspace)
 
 
 def _embed_task(**kwargs):
@@ -235,18 +238,19 @@ def _embed_task(**kwargs):
                 interruptible=True, **kwargs)
 
 
-@_embed_task(cache=Cache(version="captions-shard-1"), retries=2)
-def caption_shard(spec: str) -> int:
+@_embed_task(cache=Cache(version="captions-shard-2"), retries=2)
+def caption_shard(ref: ShardRef) -> int:
     from m2d2.pipeline import embed_caption_shard
 
-    return embed_caption_shard(spec)
+    return embed_caption_shard(ref)
 
 
-@cpu_task("small", cache=Cache(version="embed-3", ignored_inputs=TRACKING))
-def finish_captions(plan_uri: str, embedded: list[int], parent_run_id: str) -> Artifact:
+@cpu_task("small", cache=Cache(version="embed-4", ignored_inputs=TRACKING))
+def finish_captions(shards: list[ShardRef], embedded: list[int], parent_run_id: str) -> Artifact:
     from m2d2.pipeline import finish_captions
+    from m2d2.shards import plan_of
 
-    out, run_id = finish_captions(plan_uri, parent_run_id or None)
+    out, run_id = finish_captions(plan_of(shards), parent_run_id or None)
     return Artifact(path=_out(out.parent), mlflow_run_id=run_id or "")
 
 
@@ -402,12 +406,12 @@ def full(cfg: PipelineConfig = PipelineConfig()) -> FlyteFile:  # noqa: B008 (Fl
     workspace = open_workspace(cfg=cfg)
     parent = start_tracking(cfg=cfg)
     corpus = make_corpus(cfg=cfg, workspace=workspace, source=resolve_corpus(cfg=cfg))
-    feature_plan, feature_shards = plan_features(cfg=cfg, workspace=workspace, corpus=corpus)
-    built = map_task(feature_shard, concurrency=MAP_CONCURRENCY)(spec=feature_shards)
-    features = finish_features(plan_uri=feature_plan, built=built, parent_run_id=parent)
-    caption_plan, caption_shards = plan_captions(cfg=cfg, workspace=workspace, corpus=corpus)
-    embedded = map_task(caption_shard, concurrency=MAP_CONCURRENCY)(spec=caption_shards)
-    captions = finish_captions(plan_uri=caption_plan, embedded=embedded, parent_run_id=parent)
+    feature_shards = plan_features(cfg=cfg, workspace=workspace, corpus=corpus)
+    built = map_task(feature_shard, concurrency=MAP_CONCURRENCY)(ref=feature_shards)
+    features = finish_features(shards=feature_shards, built=built, parent_run_id=parent)
+    caption_shards = plan_captions(cfg=cfg, workspace=workspace, corpus=corpus)
+    embedded = map_task(caption_shard, concurrency=MAP_CONCURRENCY)(ref=caption_shards)
+    captions = finish_captions(shards=caption_shards, embedded=embedded, parent_run_id=parent)
     outputs = {"features": features, "embed": captions}
     for stage in STAGES:
         source = captions if stage.trains_on == CAPTIONS else outputs[stage.trains_on]

@@ -1,7 +1,7 @@
 """Log-mel feature store: the sequential ingestion driver and the reader training uses.
 
 The store is written by :mod:`m2d2.data.shards` (float16 shards + Parquet indexes + commit markers, local or
-``s3://``). :func:`extract_features` runs the same ``plan_shards`` -> ``build_shard`` -> ``finalize_store`` steps
+``s3://``). :func:`extract_features` runs the same ``plan_store`` -> ``build_shard`` -> ``finish_store`` steps
 the cluster workflow runs as a map task, one shard after the other, so the demo and the cluster share one
 ingestion implementation.
 
@@ -40,59 +40,23 @@ from m2d2 import io
 from m2d2.audio import NormStats
 from m2d2.data.shards import (
     COMPLETE_FILE,
-    INDEX_SCHEMA,
-    QUARANTINE_FILE,
-    QUARANTINE_SCHEMA,
+    NORM_SPLIT,
     STATS_FILE,
     FeatureConfig,
     ShardPlan,
     ShardResult,
     StoreReport,
     build_shard,
-    finalize_store,
-    plan_shards,
+    finish_store,
+    plan_store,
 )
 
 log = logging.getLogger(__name__)
 
-__all__ = ["COMPLETE_FILE", "INDEX_SCHEMA", "QUARANTINE_FILE", "QUARANTINE_SCHEMA", "STATS_FILE", "FeatureConfig",
-           "LogMelStore", "extract_features", "fetch_shard", "fetch_shards", "finish_store", "load_norm_stats",
-           "plan_store", "read_plan", "store_plan_uri", "store_report"]
+__all__ = ["FeatureConfig", "LogMelStore", "extract_features", "fetch_shard", "fetch_shards", "load_norm_stats",
+           "store_report"]
 
 _CHUNK = 16 * 2**20
-
-
-PLAN_FILE = "plan.json"
-
-
-def plan_store(manifest: str | Path, corpus_root: str | Path, out_dir: str | Path, config: FeatureConfig | None = None,
-               splits: Sequence[str] = ("train", "eval")) -> ShardPlan:
-    """Plan the store at ``out_dir`` and write the plan there (``plan.json``), for shard tasks to read by URI."""
-    plan = plan_shards(str(manifest), str(out_dir), str(corpus_root), config or FeatureConfig(), tuple(splits))
-    if not plan.split_sizes.get("train"):
-        raise ValueError(f"{manifest} has no 'train' rows: the normalisation statistics need training clips")
-    io.atomic_write_bytes(store_plan_uri(out_dir), plan.to_json().encode())
-    return plan
-
-
-def store_plan_uri(store: str | Path) -> str:
-    """Where :func:`plan_store` writes the plan of the store at ``store``."""
-    return io.join(str(store), PLAN_FILE)
-
-
-def read_plan(uri: str) -> ShardPlan:
-    return ShardPlan.from_json(io.read_bytes(uri).decode())
-
-
-def finish_store(plan: ShardPlan) -> StoreReport:
-    """Finalise a store whose shards are all committed; its report (normalisation statistics, counts)."""
-    report = finalize_store(plan)
-    log.info("feature store %s: %d shards, clips %s, %d quarantined", plan.store_uri, len(plan), report.counts,
-             report.quarantined)
-    if not report.counts.get("train"):
-        raise ValueError(f"no training clip could be decoded from {plan.manifest_uri} (see {QUARANTINE_FILE})")
-    assert report.norm_stats is not None
-    return report
 
 
 def extract_features(
@@ -107,12 +71,15 @@ def extract_features(
     """Log-mel of every clip of ``manifest`` (rows of ``splits``) into a sharded store at ``out_dir`` (local path
     or ``s3://``), plus normalisation stats of training crops, which are stored and returned.
 
-    :func:`plan_store`, every :func:`~m2d2.data.shards.build_shard`, :func:`finish_store`: the steps the workflow
-    runs as plan task, map task and finish task. Re-running after a crash redoes only the shards that were not
-    committed. Rejected clips are listed in ``quarantine.parquet``; counts are in ``stats.json`` (see
+    :func:`~m2d2.data.shards.plan_store`, every :func:`~m2d2.data.shards.build_shard`,
+    :func:`~m2d2.data.shards.finish_store`: the steps the workflow runs as plan task, map task and finish task.
+    Re-running after a crash redoes only the shards that were not committed. Rejected clips are listed in ``quarantine.parquet``; counts are in ``stats.json`` (see
     :func:`store_report`). ``workers`` > 1 builds shards in that many processes, one torch thread each.
     """
-    plan = plan_store(manifest, corpus_root, out_dir, config, splits)
+    if NORM_SPLIT not in splits:
+        raise ValueError(f"splits {tuple(splits)} lack '{NORM_SPLIT}': the normalisation statistics need "
+                         "training clips")
+    plan = plan_store(str(manifest), str(out_dir), str(corpus_root), config or FeatureConfig(), tuple(splits))
     built = 0
     if workers > 1:
         context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch/fsspec state
@@ -125,7 +92,9 @@ def extract_features(
         for k in tqdm(range(len(plan)), desc="log-mel shards", unit="shard", disable=not progress, leave=False):
             built += build_shard(plan, k, progress=progress).status == "built"
     log.info("feature store %s: %d of %d shards built now", out_dir, built, len(plan))
-    return finish_store(plan).norm_stats
+    stats = finish_store(plan).norm_stats
+    assert stats is not None  # plan_store asked for the training split
+    return stats
 
 
 def _build_single_threaded(plan_json: str, k: int) -> ShardResult:
@@ -149,9 +118,7 @@ def load_norm_stats(feature_dir: str | Path) -> NormStats:
 
 def store_report(feature_dir: str | Path) -> StoreReport:
     """Counts of a finished store (clips per split, quarantine by kind, flags) for logging."""
-    from m2d2.data.shards import _report
-
-    return _report(_read_json(io.join(str(feature_dir), STATS_FILE)))
+    return StoreReport.from_stats(_read_json(io.join(str(feature_dir), STATS_FILE)))
 
 
 def _cache_dir(cache_dir: str | Path | None) -> Path:
@@ -279,7 +246,7 @@ class LogMelStore(Sequence):
             complete = _read_json(io.join(self.uri, COMPLETE_FILE))
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.uri} is not a complete feature store (no {COMPLETE_FILE}); build it with "
-                                    "extract_features or plan_shards/build_shard/finalize_store") from None
+                                    "extract_features or plan_store/build_shard/finish_store") from None
         try:
             index = pq.read_table(_io.BytesIO(io.read_bytes(io.join(self.uri, f"{split}.index.parquet"))))
         except FileNotFoundError:

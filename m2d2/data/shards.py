@@ -1,28 +1,30 @@
-"""Sharded log-mel store: plan, build each shard independently (a Flyte map task), then finalize.
+"""Sharded log-mel store: :func:`plan_store`, :func:`build_shard` for each shard (a Flyte map task),
+:func:`finish_store`; the commit protocol is :mod:`m2d2.shards`.
 
 Layout under the store URI (a local directory or an ``s3://`` prefix)::
 
+    plan.json                       the plan (:func:`plan_store`): shard tasks read it by URI
     shards/shard-00000.npy          float16 [frames, n_mels], time-major: the clips of the shard back to back,
                                     so a training crop is one contiguous read (97 KB for 608 frames)
     shards/shard-00000.index.parquet   one row per stored clip: offset and length in the shard, captions, labels...
     shards/shard-00000.quarantine.parquet   clips of the shard that were rejected, with kind and reason
-    shards/shard-00000.done.json    commit marker, written last: fingerprint, sha256 and size of the .npy, counts,
-                                    and the shard's share of the normalisation statistics
-    <split>.index.parquet           (finalize) every stored clip of the split
-    quarantine.parquet              (finalize) every rejected clip of every split
-    stats.json                      (finalize) normalisation statistics, counts, quarantine counts, config
-    _COMPLETE.json                  (finalize, written last) the shard table readers use; its presence = complete
+    shards/shard-00000.done.json    commit marker, written last: fingerprint, sha256 and size of each file above,
+                                    counts, and the shard's share of the normalisation statistics
+    <split>.index.parquet           (finish) every stored clip of the split
+    quarantine.parquet              (finish) every rejected clip of every split
+    stats.json                      (finish) normalisation statistics, counts, quarantine counts, config
+    _COMPLETE.json                  (finish, written last) the shard table readers use; its presence = complete
 
-Atomicity: local files are written under a temporary name and renamed; an S3 object appears whole or not at all
-(single PUT, or a multipart upload that is aborted on error). A shard counts only once its ``.done.json`` exists
-with the plan's fingerprint, so a crash anywhere leaves at most invisible files, and a re-run rebuilds exactly
-the shards without a valid marker (``build_shard`` skips the others). Rebuilding a shard first removes its old
-marker and the store's ``_COMPLETE.json``, so no reader can ever pair new shard bytes with an old index.
+Atomicity (see :mod:`m2d2.shards`): every file appears whole or not at all, and a shard counts only once its
+``.done.json`` carries the plan's fingerprint, so a crash anywhere leaves at most invisible files and a re-run
+rebuilds exactly the shards without a valid marker (``build_shard`` skips the others). Rebuilding a shard first
+removes its old marker and the store's ``_COMPLETE.json``, so no reader can ever pair new shard bytes with an old
+index.
 
 Normalisation statistics (one scalar mean/std, as M2D uses) come from ``norm_samples`` random training crops in
 the same pass that writes the shards: the draws are a pure function of the seed and the number of training
 clips, each shard measures the crops that fall on its clips (float64 moments, from the stored float16 values the
-loader will see) and ``finalize_store`` merges them (Chan et al.). Draws that fall on a quarantined clip are
+loader will see) and :func:`finish_store` merges them (Chan et al.). Draws that fall on a quarantined clip are
 lost and counted (``norm_crops_lost``).
 """
 
@@ -59,11 +61,13 @@ from m2d2.audio import (
     read_audio_file,
 )
 from m2d2.data.manifest import AudioAccess, resolve_audio_uri, validate_manifest
+from m2d2.shards import Shard, ShardRef, ShardWriter, build, delete, npy_header, read_markers, shard_refs
 
 log = logging.getLogger(__name__)
 
 FORMAT = "m2d2-logmel-shards/1"
 SHARD_DIR = "shards"
+PLAN_FILE = "plan.json"
 COMPLETE_FILE = "_COMPLETE.json"
 STATS_FILE = "stats.json"
 QUARANTINE_FILE = "quarantine.parquet"
@@ -171,6 +175,19 @@ class ShardPlan:
         base["shards"] = [asdict(s) for s in self.shards] if k is None else asdict(self.shards[k])
         return hashlib.sha256(json.dumps(base, sort_keys=True).encode()).hexdigest()
 
+    @property
+    def uri(self) -> str:
+        """Where :func:`plan_store` stores the plan: ``<store>/plan.json``."""
+        return io.join(self.store_uri, PLAN_FILE)
+
+    def shard(self, k: int) -> Shard:
+        """Shard ``k``'s files (``<store>/shards/shard-<k>.*``) and the fingerprint its marker must carry."""
+        return Shard(io.join(self.store_uri, SHARD_DIR), shard_name(k), self.fingerprint(k))
+
+    def refs(self, workspace: str = "") -> list[ShardRef]:
+        """One :class:`~m2d2.shards.ShardRef` per shard, for a map task (``workspace``: a cache-key salt)."""
+        return shard_refs(self.uri, len(self), workspace)
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
@@ -211,6 +228,15 @@ class StoreReport:
     norm_crops_lost: int
     audio_seconds: float
 
+    @classmethod
+    def from_stats(cls, meta: dict[str, Any]) -> StoreReport:
+        """The report of a finished store from its ``stats.json``."""
+        stats = NormStats(meta["norm_mean"], meta["norm_std"]) if meta.get("norm_mean") is not None else None
+        return cls(norm_stats=stats, counts=meta.get("counts", {}), quarantined=meta.get("quarantined", 0),
+                   quarantined_by_kind=meta.get("quarantined_by_kind", {}), flagged=meta.get("flagged", {}),
+                   norm_crops=meta.get("norm_crops", 0), norm_crops_lost=meta.get("norm_crops_lost", 0),
+                   audio_seconds=meta.get("audio_seconds", 0.0))
+
     def metrics(self) -> dict[str, float]:
         out: dict[str, float] = {f"clips_{k}": v for k, v in self.counts.items()}
         out.update({"quarantined": self.quarantined, "norm_crops": self.norm_crops,
@@ -223,30 +249,11 @@ class StoreReport:
 
 
 # ----------------------------------------------------------------------------------------------------- storage
-def _put(uri: str, data: bytes | bytearray) -> None:
-    """All-or-nothing write: temp file + rename locally; one PUT (or an aborted-on-error multipart) on S3."""
-    if io.is_local(uri):
-        io.atomic_write_bytes(uri, data)
-    else:
-        fs, path = fsspec.core.url_to_fs(uri)
-        fs.pipe_file(path, data)
-
-
 def _read_json(uri: str) -> dict[str, Any] | None:
     try:
         return json.loads(io.read_bytes(uri))
     except FileNotFoundError:
         return None
-
-
-def _delete(uri: str) -> None:
-    if io.is_local(uri):
-        io.local_path(uri).unlink(missing_ok=True)
-        return
-    fs, path = fsspec.core.url_to_fs(uri)
-    if fs.exists(path):
-        fs.rm_file(path)
-    fs.invalidate_cache(path)
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
@@ -269,6 +276,11 @@ def shard_uri(store: str, k: int, suffix: str) -> str:
     return io.join(str(store), SHARD_DIR, f"{shard_name(k)}.{suffix}")
 
 
+def read_plan(uri: str) -> ShardPlan:
+    """The plan :func:`plan_store` stored at ``uri``."""
+    return ShardPlan.from_json(io.read_bytes(uri).decode())
+
+
 # ----------------------------------------------------------------------------------------------------- plan
 def _estimated_frames(duration: float | None, cfg: FeatureConfig, mel: LogMelConfig) -> int:
     seconds = cfg.max_seconds if duration is None or not math.isfinite(duration) else min(duration, cfg.max_seconds)
@@ -276,13 +288,15 @@ def _estimated_frames(duration: float | None, cfg: FeatureConfig, mel: LogMelCon
     return mel.frames_for(int(seconds * cfg.sample_rate))
 
 
-def plan_shards(manifest: str, store: str, audio_root: str | None = None, config: FeatureConfig | None = None,
-                splits: tuple[str, ...] | list[str] | None = None) -> ShardPlan:
-    """Cut the manifest's rows into shards of about ``config.shard_mb`` (pure: reads the manifest, writes nothing).
+def plan_store(manifest: str, store: str, audio_root: str | None = None, config: FeatureConfig | None = None,
+               splits: Sequence[str] | None = None) -> ShardPlan:
+    """Cut the manifest's rows into shards of about ``config.shard_mb`` and store the plan at ``plan.uri``
+    (``<store>/plan.json``), where shard tasks read it.
 
-    A shard holds one split and a contiguous range of manifest rows (rows of splits outside ``splits`` are
-    skipped); sizes are estimated from ``duration_s`` (``max_seconds`` when unknown). ``audio_root`` (default:
-    the manifest's directory) resolves relative ``audio_uri`` values.
+    A shard holds one split and a contiguous range of manifest rows (rows of splits outside ``splits``, default
+    all, are skipped); sizes are estimated from ``duration_s`` (``max_seconds`` when unknown). ``audio_root``
+    (default: the manifest's directory) resolves relative ``audio_uri`` values. When the training split is asked
+    for, it must have rows: the normalisation statistics come from it.
     """
     cfg = config or FeatureConfig()
     mel = LogMelConfig()
@@ -317,13 +331,17 @@ def plan_shards(manifest: str, store: str, audio_root: str | None = None, config
         current["bytes"] += size
         split_sizes[split] = split_sizes.get(split, 0) + 1
     close(table.num_rows)
+    if (wanted is None or NORM_SPLIT in wanted) and not split_sizes.get(NORM_SPLIT):
+        raise ValueError(f"{manifest} has no '{NORM_SPLIT}' rows: the normalisation statistics need training clips")
     if wanted:
         absent = sorted(wanted - set(split_sizes))
         if absent:
             log.warning("manifest %s has no rows of split(s) %s", manifest, absent)
-    return ShardPlan(manifest_uri=manifest, manifest_sha256=hashlib.sha256(data).hexdigest(),
+    plan = ShardPlan(manifest_uri=manifest, manifest_sha256=hashlib.sha256(data).hexdigest(),
                      manifest_bytes=len(data), audio_root=str(audio_root), store_uri=str(store), config=cfg,
                      split_sizes=split_sizes, shards=tuple(shards))
+    io.atomic_write_bytes(plan.uri, plan.to_json().encode())
+    return plan
 
 
 def _manifest_rows(plan: ShardPlan, spec: ShardSpec) -> list[dict[str, Any]]:
@@ -397,21 +415,12 @@ def _crop_moments(lms: np.ndarray, count: int, crop: int, rng: np.random.Generat
             moments.add(padded)
 
 
-def _npy_header(frames: int, n_mels: int) -> bytes:
-    buf = _io.BytesIO()
-    np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)),
-                                               "fortran_order": False, "shape": (frames, n_mels)})
-    return buf.getvalue()
-
-
-def _commit_shard(store: str, k: int, payload: bytes | bytearray, index: list[dict[str, Any]], quarantine: list[dict[str, Any]],
-                  marker: dict[str, Any]) -> None:
-    """Write shard ``k``'s files, the commit marker last."""
-    _put(shard_uri(store, k, "npy"), payload)
-    _put(shard_uri(store, k, "index.parquet"), _parquet_bytes(pa.Table.from_pylist(index, INDEX_SCHEMA)))
-    _put(shard_uri(store, k, "quarantine.parquet"), _parquet_bytes(pa.Table.from_pylist(quarantine,
-                                                                                        QUARANTINE_SCHEMA)))
-    _put(shard_uri(store, k, "done.json"), json.dumps(marker, indent=1).encode())
+def _write_shard(out: ShardWriter, payload: bytes | bytearray, index: list[dict[str, Any]],
+                 quarantine: list[dict[str, Any]]) -> None:
+    """Shard files other than the marker (which :func:`m2d2.shards.build` writes last)."""
+    out.put("npy", payload)
+    out.put("index.parquet", _parquet_bytes(pa.Table.from_pylist(index, INDEX_SCHEMA)))
+    out.put("quarantine.parquet", _parquet_bytes(pa.Table.from_pylist(quarantine, QUARANTINE_SCHEMA)))
 
 
 def build_shard(plan: ShardPlan, k: int, progress: bool = True) -> ShardResult:
@@ -420,18 +429,18 @@ def build_shard(plan: ShardPlan, k: int, progress: bool = True) -> ShardResult:
     Safe to run concurrently for different ``k`` and to re-run after a crash. Bad inputs never stop the shard:
     each is a quarantine row (kind + reason); only storage or programming errors raise.
     """
+    done = build(plan.shard(k), lambda out: _make_shard(plan, k, out, progress))
+    return ShardResult(**{f.name: done.info[f.name] for f in fields(ShardResult) if f.name != "status"},
+                       status="built" if done.built else "skipped")
+
+
+def _make_shard(plan: ShardPlan, k: int, out: ShardWriter, progress: bool) -> dict[str, Any]:
+    """Shard ``k``'s files (through ``out``) and what its marker records (the store's ``_COMPLETE.json`` goes
+    first: no reader may pair the new bytes with an old index)."""
     spec = plan.shards[k]
     cfg = plan.config
-    marker_uri = shard_uri(plan.store_uri, k, "done.json")
-    fingerprint = plan.fingerprint(k)
-    existing = _read_json(marker_uri)
-    if existing is not None and existing.get("fingerprint") == fingerprint:
-        return ShardResult(**{f.name: existing[f.name] for f in fields(ShardResult) if f.name != "status"},
-                           status="skipped")
     started = time.perf_counter()
-    if existing is not None:
-        _delete(marker_uri)  # stale (another plan): invisible before anything of the new shard is written
-    _delete(io.join(plan.store_uri, COMPLETE_FILE))
+    delete(io.join(plan.store_uri, COMPLETE_FILE))
     rows = _manifest_rows(plan, spec)
     allocation = _norm_allocation(cfg, plan.split_sizes, spec)
     frontend = LogMelSpectrogram()
@@ -499,7 +508,7 @@ def build_shard(plan: ShardPlan, k: int, progress: bool = True) -> ShardResult:
                       "channels": decoded.channels, "content_hash": digest, "origin": row.get("origin"),
                       "flags": flags})
         offset += lms.shape[0]
-    payload = bytearray(_npy_header(offset, n_mels))
+    payload = bytearray(npy_header((offset, n_mels)))
     for lms in mels:
         payload += lms.data  # no intermediate copies: a shard is a few hundred MB
     del mels
@@ -509,38 +518,52 @@ def build_shard(plan: ShardPlan, k: int, progress: bool = True) -> ShardResult:
     result = ShardResult(index=k, split=spec.split, status="built", clips=len(index), quarantined=len(quarantine),
                          frames=offset, bytes=len(payload), audio_seconds=audio_seconds,
                          seconds=time.perf_counter() - started, quarantine_kinds=kinds)
-    marker = {**asdict(result), "format": FORMAT, "fingerprint": fingerprint,
-              "sha256": hashlib.sha256(payload).hexdigest(), "n_mels": n_mels,
-              "moments": {"count": moments.count, "mean": moments.mean, "m2": moments.m2},
-              "norm_crops": int(allocation.sum()) - lost, "norm_crops_lost": lost,
-              "flagged": {f: sum(f in r["flags"] for r in index) for f in ("capped", "padded")}}
-    marker.pop("status")
-    _commit_shard(plan.store_uri, k, payload, index, quarantine, marker)
+    info = {**asdict(result), "format": FORMAT, "n_mels": n_mels,
+            "moments": {"count": moments.count, "mean": moments.mean, "m2": moments.m2},
+            "norm_crops": int(allocation.sum()) - lost, "norm_crops_lost": lost,
+            "flagged": {f: sum(f in r["flags"] for r in index) for f in ("capped", "padded")}}
+    info.pop("status")
+    _write_shard(out, payload, index, quarantine)
     if quarantine:
         log.info("shard %d: %d clips stored, %d quarantined %s", k, len(index), len(quarantine), kinds)
-    return result
+    return info
 
 
-# ----------------------------------------------------------------------------------------------------- finalize
+# ----------------------------------------------------------------------------------------------------- finish
 class IncompleteStoreError(RuntimeError):
-    """``finalize_store`` found shards without a valid commit marker."""
+    """``finish_store`` found shards without a valid commit marker."""
 
 
-def finalize_store(plan: ShardPlan) -> StoreReport:
+def finish_store(plan: ShardPlan) -> StoreReport:
     """Merge the committed shards into per-split indexes, the quarantine table and ``stats.json``; write
-    ``_COMPLETE.json`` last. Idempotent; raises :class:`IncompleteStoreError` naming uncommitted shards."""
+    ``_COMPLETE.json`` last; the store's report (normalisation statistics, counts).
+
+    Idempotent. Raises :class:`IncompleteStoreError` naming uncommitted shards, and ``ValueError`` when the plan
+    has a training split but no training clip could be decoded.
+    """
     store = plan.store_uri
-    complete_uri = io.join(store, COMPLETE_FILE)
-    done = _read_json(complete_uri)
+    done = _read_json(io.join(store, COMPLETE_FILE))
     if done is not None and done.get("plan") == plan.fingerprint():
-        return _report(_read_json(io.join(store, STATS_FILE)) or {})
-    markers = [_read_json(shard_uri(store, k, "done.json")) for k in range(len(plan))]
-    missing = [k for k, m in enumerate(markers) if m is None or m.get("fingerprint") != plan.fingerprint(k)]
-    if missing:
-        raise IncompleteStoreError(f"{len(missing)} of {len(plan)} shards of {store} are not committed "
-                                   f"(e.g. {missing[:10]}); run build_shard(plan, k) for them")
-    return _finalize(store, markers, plan.split_sizes, plan.fingerprint(), plan.config,
-                     {"manifest": plan.manifest_uri, "manifest_sha256": plan.manifest_sha256})
+        report = StoreReport.from_stats(_read_json(io.join(store, STATS_FILE)) or {})
+    else:
+        markers = read_markers([plan.shard(k) for k in range(len(plan))])
+        missing = [k for k, m in enumerate(markers) if m is None]
+        if missing:
+            raise IncompleteStoreError(f"{len(missing)} of {len(plan)} shards of {store} are not committed "
+                                       f"(e.g. {missing[:10]}); run build_shard(plan, k) for them")
+        report = _finalize(store, [_entry(m) for m in markers], plan.split_sizes, plan.fingerprint(), plan.config,
+                           {"manifest": plan.manifest_uri, "manifest_sha256": plan.manifest_sha256})
+    log.info("feature store %s: %d shards, clips %s, %d quarantined", store, len(plan), report.counts,
+             report.quarantined)
+    if NORM_SPLIT in plan.split_sizes and not report.counts.get(NORM_SPLIT):
+        raise ValueError(f"no training clip could be decoded from {plan.manifest_uri} (see {QUARANTINE_FILE})")
+    return report
+
+
+def _entry(marker: dict[str, Any]) -> dict[str, Any]:
+    """What finishing needs of a shard's marker: the job's record plus the sha256 and size of its ``.npy``."""
+    npy = marker["files"]["npy"]
+    return {**marker["info"], "sha256": npy["sha256"], "bytes": npy["bytes"]}
 
 
 def _finalize(store: str, markers: list[dict[str, Any]], split_sizes: dict[str, int], fingerprint: str,
@@ -553,9 +576,9 @@ def _finalize(store: str, markers: list[dict[str, Any]], split_sizes: dict[str, 
         quarantines.append(_read_parquet(shard_uri(store, k, "quarantine.parquet")))
     for split, tables in indexes.items():
         table = pa.concat_tables(tables) if tables else INDEX_SCHEMA.empty_table()
-        _put(io.join(store, f"{split}.index.parquet"), _parquet_bytes(table))
+        io.atomic_write_bytes(io.join(store, f"{split}.index.parquet"), _parquet_bytes(table))
     quarantine = pa.concat_tables(quarantines) if quarantines else QUARANTINE_SCHEMA.empty_table()
-    _put(io.join(store, QUARANTINE_FILE), _parquet_bytes(quarantine))
+    io.atomic_write_bytes(io.join(store, QUARANTINE_FILE), _parquet_bytes(quarantine))
     moments = _Moments()
     for m in markers:
         if m["split"] == NORM_SPLIT:
@@ -577,24 +600,16 @@ def _finalize(store: str, markers: list[dict[str, Any]], split_sizes: dict[str, 
             "quarantined": quarantine.num_rows, "quarantined_by_kind": by_kind,
             "flagged": {f: sum(m["flagged"][f] for m in markers) for f in ("capped", "padded")},
             "audio_seconds": sum(m["audio_seconds"] for m in markers), "config": asdict(config), **provenance}
-    _put(io.join(store, STATS_FILE), json.dumps(meta, indent=2).encode())
+    io.atomic_write_bytes(io.join(store, STATS_FILE), json.dumps(meta, indent=2).encode())
     complete = {"format": FORMAT, "plan": fingerprint, "n_mels": markers[0]["n_mels"] if markers else 80,
                 "dtype": "float16", "layout": "[frames, n_mels] per shard, clips back to back",
                 "shards": [{"index": k, "split": m["split"], "file": f"{SHARD_DIR}/{shard_name(k)}.npy",
                             "sha256": m["sha256"], "bytes": m["bytes"], "frames": m["frames"], "clips": m["clips"]}
                            for k, m in enumerate(markers)]}
-    _put(io.join(store, COMPLETE_FILE), json.dumps(complete, indent=1).encode())
+    io.atomic_write_bytes(io.join(store, COMPLETE_FILE), json.dumps(complete, indent=1).encode())
     if quarantine.num_rows:
         log.warning("%d clips quarantined (see %s): %s", quarantine.num_rows, io.join(store, QUARANTINE_FILE), by_kind)
-    return _report(meta)
-
-
-def _report(meta: dict[str, Any]) -> StoreReport:
-    stats = NormStats(meta["norm_mean"], meta["norm_std"]) if meta.get("norm_mean") is not None else None
-    return StoreReport(norm_stats=stats, counts=meta.get("counts", {}), quarantined=meta.get("quarantined", 0),
-                       quarantined_by_kind=meta.get("quarantined_by_kind", {}), flagged=meta.get("flagged", {}),
-                       norm_crops=meta.get("norm_crops", 0), norm_crops_lost=meta.get("norm_crops_lost", 0),
-                       audio_seconds=meta.get("audio_seconds", 0.0))
+    return StoreReport.from_stats(meta)
 
 
 # ----------------------------------------------------------------------------------------------------- import
@@ -614,15 +629,17 @@ def import_logmels(store: str, splits: dict[str, Sequence[LogMelClip]], config: 
                    progress: bool = True) -> StoreReport:
     """Write a complete store from ready log-mels, e.g. an existing one-``.npy``-per-clip dataset, without decoding
     audio again. Same files, commit markers and normalisation statistics as :func:`build_shard` +
-    :func:`finalize_store`; ``splits[split][i]`` may load lazily (only one clip is held at a time)."""
+    :func:`finish_store`; ``splits[split][i]`` may load lazily (only one clip is held at a time). A shard whose
+    bytes are already committed (a re-run) is not written again."""
     cfg = config or FeatureConfig()
     budget = cfg.shard_mb * 2**20
     sizes = {split: len(clips) for split, clips in splits.items()}
     markers: list[dict[str, Any]] = []
+    fingerprints: list[str] = []
     for split, clips in splits.items():
         spec_start = 0
         while spec_start < len(clips):
-            k = len(markers)
+            k = len(fingerprints)
             payload, index, offset, n_mels = bytearray(), [], 0, None
             stop = spec_start
             while stop < len(clips) and (stop == spec_start or offset * (n_mels or 80) * 2 < budget):
@@ -649,19 +666,26 @@ def import_logmels(store: str, splits: dict[str, Sequence[LogMelClip]], config: 
                                            dtype=np.float16).reshape(-1, n_mels)
                     rng = np.random.default_rng([cfg.seed, 1, spec_start + int(j)])
                     _crop_moments(stored, int(allocation[j]), cfg.norm_crop_frames, rng, moments)
-            data = _npy_header(offset, n_mels or 80) + bytes(payload)
-            ids = hashlib.sha256("\n".join(r["clip_id"] for r in index).encode()).hexdigest()
-            marker = {"index": k, "split": split, "clips": len(index), "quarantined": 0, "frames": offset,
-                      "bytes": len(data), "audio_seconds": 0.0, "seconds": 0.0, "quarantine_kinds": {},
-                      "format": FORMAT, "fingerprint": f"import:{ids}", "sha256": hashlib.sha256(data).hexdigest(),
-                      "n_mels": n_mels or 80, "moments": {"count": moments.count, "mean": moments.mean,
-                                                         "m2": moments.m2},
-                      "norm_crops": int(allocation.sum()), "norm_crops_lost": 0,
-                      "flagged": {"capped": 0, "padded": 0}}
-            _commit_shard(store, k, data, index, [], marker)
-            markers.append(marker)
+            data = npy_header((offset, n_mels or 80)) + bytes(payload)
+            info = {"index": k, "split": split, "clips": len(index), "quarantined": 0, "frames": offset,
+                    "bytes": len(data), "audio_seconds": 0.0, "seconds": 0.0, "quarantine_kinds": {},
+                    "format": FORMAT, "n_mels": n_mels or 80,
+                    "moments": {"count": moments.count, "mean": moments.mean, "m2": moments.m2},
+                    "norm_crops": int(allocation.sum()), "norm_crops_lost": 0, "flagged": {"capped": 0, "padded": 0}}
+            # Identity of an imported shard: its bytes, its index rows and its share of the statistics.
+            fingerprint = hashlib.sha256(json.dumps({
+                "format": FORMAT, "import": hashlib.sha256(data).hexdigest(), "index": index, "info": info,
+            }, sort_keys=True).encode()).hexdigest()
+
+            def make(out: ShardWriter, data=data, index=index, info=info) -> dict[str, Any]:
+                delete(io.join(store, COMPLETE_FILE))
+                _write_shard(out, data, index, [])
+                return info
+
+            markers.append(build(Shard(io.join(store, SHARD_DIR), shard_name(k), fingerprint), make).marker)
+            fingerprints.append(fingerprint)
             spec_start = stop
             if progress:
                 log.info("imported shard %d (%s): %d clips", k, split, len(index))
-    fingerprint = hashlib.sha256("".join(m["fingerprint"] for m in markers).encode()).hexdigest()
-    return _finalize(store, markers, sizes, fingerprint, cfg, {"imported": True})
+    fingerprint = hashlib.sha256("".join(fingerprints).encode()).hexdigest()
+    return _finalize(store, [_entry(m) for m in markers], sizes, fingerprint, cfg, {"imported": True})

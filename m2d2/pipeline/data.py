@@ -1,4 +1,8 @@
-"""Data steps: the corpus, its log-mel store and its caption vectors, each as plan -> shards -> finish."""
+"""Data steps: the corpus, its log-mel store and its caption vectors, each as plan -> shards -> finish.
+
+A plan step stores its plan and returns one :class:`~m2d2.shards.ShardRef` per shard; a shard step builds one
+(idempotent, committed by a marker written last, see :mod:`m2d2.shards`); a finish step takes the plan's URI.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +17,11 @@ from tqdm import tqdm
 
 from m2d2 import io
 from m2d2.data.demo import DemoCorpusConfig, generate_demo_corpus
-from m2d2.data.features import FeatureConfig, finish_store, plan_store, read_plan, store_plan_uri
-from m2d2.data.shards import build_shard
+from m2d2.data.shards import FeatureConfig, build_shard, finish_store, plan_store, read_plan
 from m2d2.models import M2D2Config
 from m2d2.pipeline.config import CAPTION_BATCH, CAPTION_TOKENS_PER_ROW, PipelineConfig
 from m2d2.pipeline.workspace import _tracked, step_dir
+from m2d2.shards import ShardRef, plan_of, shard_refs
 
 
 def build_corpus(cfg: PipelineConfig) -> Path:
@@ -34,22 +38,21 @@ def _feature_config(cfg: PipelineConfig) -> FeatureConfig:
                          shard_mb=cfg.feature_shard_mb, audio_roots=tuple(cfg.audio_roots))
 
 
-def plan_features(cfg: PipelineConfig, corpus_dir: str | Path) -> tuple[str, list[str]]:
-    """Plan the log-mel store of ``corpus_dir``: the plan's URI and one task spec per shard (``<plan>#<k>``).
+def plan_features(cfg: PipelineConfig, corpus_dir: str | Path, workspace: str = "") -> list[ShardRef]:
+    """Plan the log-mel store of ``corpus_dir``: one ref per shard (``workspace``: the refs' cache-key salt).
 
     The store goes to a content-keyed directory under ``data_root``; shard tasks (:func:`build_feature_shard`, a
     Flyte map task on a cluster) read the plan by URI, so nothing large crosses a task boundary."""
     features = _feature_config(cfg)
     out = step_dir(cfg, "features", features, corpus_dir)
-    plan = plan_store(io.join(str(corpus_dir), "manifest.parquet"), corpus_dir, out, features)
-    uri = store_plan_uri(out)
-    return uri, [f"{uri}#{k}" for k in range(len(plan))]
+    plan = plan_store(io.join(str(corpus_dir), "manifest.parquet"), str(out), str(corpus_dir), features,
+                      ("train", "eval"))
+    return plan.refs(workspace)
 
 
-def build_feature_shard(spec: str) -> dict[str, Any]:
-    """Build (or find committed) shard ``<plan>#<k>``; what it did, for the logs."""
-    plan_uri, k = spec.rsplit("#", 1)
-    return dataclasses.asdict(build_shard(read_plan(plan_uri), int(k), progress=False))
+def build_feature_shard(ref: ShardRef) -> dict[str, Any]:
+    """Build (or find committed) the log-mel shard ``ref``; what it did, for the logs."""
+    return dataclasses.asdict(build_shard(read_plan(ref.plan), ref.index, progress=False))
 
 
 def finish_features(plan_uri: str, parent_run_id: str | None = None) -> tuple[Path, str | None]:
@@ -71,17 +74,17 @@ def build_features(cfg: PipelineConfig, corpus_dir: str | Path,
                    parent_run_id: str | None = None) -> tuple[Path, str | None]:
     """Log-mel store of every clip + normalisation stats from training crops of the stage-1 length, in one process:
     :func:`plan_features`, every :func:`build_feature_shard`, :func:`finish_features`."""
-    plan_uri, shards = plan_features(cfg, corpus_dir)
-    for spec in tqdm(shards, desc="log-mel shards", unit="shard", leave=False):
-        build_feature_shard(spec)
-    return finish_features(plan_uri, parent_run_id)
+    shards = plan_features(cfg, corpus_dir)
+    for ref in tqdm(shards, desc="log-mel shards", unit="shard", leave=False):
+        build_feature_shard(ref)
+    return finish_features(plan_of(shards), parent_run_id)
 
 
-def plan_captions(cfg: PipelineConfig, corpus_dir: str | Path) -> tuple[str, list[str]]:
+def plan_captions(cfg: PipelineConfig, corpus_dir: str | Path, workspace: str = "") -> list[ShardRef]:
     """Plan the caption cache: every unique caption of every split plus the zero-shot prompts, cut into
-    ``cfg.caption_shards`` shards for the stage-1 text encoder. Returns the plan's URI and one spec per shard
-    (``<plan>#<k>``, for :func:`embed_caption_shard`, a map task on a cluster). The vectors do not depend on the
-    number of shards, so it is not part of the cache's key."""
+    ``cfg.caption_shards`` shards for the stage-1 text encoder. Returns one ref per shard (for
+    :func:`embed_caption_shard`, a map task on a cluster; ``workspace``: the refs' cache-key salt). The vectors
+    do not depend on the number of shards, so it is not part of the cache's key."""
     from m2d2.text.cache import default_workdir
     from m2d2.text.encoders import RemoteCodePolicy
     from m2d2.text.shards import plan_shards
@@ -96,27 +99,26 @@ def plan_captions(cfg: PipelineConfig, corpus_dir: str | Path) -> tuple[str, lis
     plan = plan_shards(captions | prompts, cfg.caption_shards, text, bucket=False,
                        max_tokens=CAPTION_BATCH * CAPTION_TOKENS_PER_ROW,
                        remote_code=RemoteCodePolicy(cfg.trust_remote_code, cfg.remote_code_sha256.strip().lower()))
-    plan_uri = str(plan.save(default_workdir(out)))
-    return plan_uri, [f"{plan_uri}#{k}" for k in range(plan.n_shards)]
+    return shard_refs(plan.save(default_workdir(out)), plan.n_shards, workspace)
 
 
 def _caption_plan(plan_uri: str):
-    from m2d2.text.shards import ShardPlan
+    """The caption plan at ``plan_uri``, its work directory (where it lies) and the cache ``<work>.parquet``."""
+    from m2d2.text.shards import plan_workdir, read_plan
 
-    work = Path(plan_uri).parent
-    return ShardPlan.load(work), work, work.with_suffix(".parquet")
+    work = plan_workdir(plan_uri)
+    return read_plan(plan_uri), work, Path(work).with_suffix(".parquet")
 
 
-def embed_caption_shard(spec: str) -> int:
-    """Embed shard ``<plan>#<k>`` on this machine's GPU (else CPU); rows embedded now (0: already done)."""
+def embed_caption_shard(ref: ShardRef) -> int:
+    """Embed the caption shard ``ref`` on this machine's GPU (else CPU); rows embedded now (0: already done)."""
     from m2d2.text.cache import is_current
     from m2d2.text.shards import embed_shard
 
-    plan_uri, k = spec.rsplit("#", 1)
-    plan, work, out = _caption_plan(plan_uri)
+    plan, work, out = _caption_plan(ref.plan)
     if is_current(out, plan):
         return 0
-    result = embed_shard(plan, int(k), work, device="cuda" if torch.cuda.is_available() else "cpu")
+    result = embed_shard(plan, ref.index, work, device="cuda" if torch.cuda.is_available() else "cpu")
     return 0 if result.skipped else result.rows
 
 
@@ -139,7 +141,7 @@ def build_caption_cache(cfg: PipelineConfig, corpus_dir: str | Path,
                         parent_run_id: str | None = None) -> tuple[Path, str | None]:
     """The caption cache in one process: :func:`plan_captions`, every :func:`embed_caption_shard`,
     :func:`finish_captions`."""
-    plan_uri, shards = plan_captions(cfg, corpus_dir)
-    for spec in shards:
-        embed_caption_shard(spec)
-    return finish_captions(plan_uri, parent_run_id)
+    shards = plan_captions(cfg, corpus_dir)
+    for ref in shards:
+        embed_caption_shard(ref)
+    return finish_captions(plan_of(shards), parent_run_id)

@@ -73,10 +73,12 @@ def embed_captions(
     same bytes. ``bucket`` orders batches by token length (faster, see ``benchmarks/bench_embed.py``); the
     default keeps the text-ordered batches of the pre-shard cache, so the demo's vectors stay bit-identical.
     ``encoder`` reuses a loaded model; ``remote_code`` is the user's permission for a code-shipping encoder
-    (default: from the environment, see :class:`~m2d2.text.encoders.RemoteCodePolicy`). The shard directory (default ``<out>.shards``) is removed after the merge
-    unless ``keep_shards``.
+    (default: from the environment, see :class:`~m2d2.text.encoders.RemoteCodePolicy`). The shard directory
+    (``workdir``: local or ``s3://``, default ``<out>.shards``) is removed after the merge unless ``keep_shards``;
+    the cache itself, ``out_path``, is a local file (its matrix is memory-mapped).
     """
-    from m2d2.text.shards import embed_shard, merge_shards, plan_shards, remove_workdir, shard_done
+    from m2d2.shards import is_committed
+    from m2d2.text.shards import embed_shard, merge_shards, plan_shards, remove_workdir
 
     began = time.perf_counter()
     plan = plan_shards(captions, n_shards, config, batch_size=batch_size, max_tokens=max_tokens, bucket=bucket,
@@ -84,10 +86,10 @@ def embed_captions(
     if is_current(out_path, plan):
         log.info("caption cache %s is up to date (%d rows)", out_path, plan.rows)
         return plan.rows
-    work = Path(workdir) if workdir is not None else default_workdir(out_path)
+    work = str(workdir) if workdir is not None else str(default_workdir(out_path))
     embedded = 0
     for shard in range(plan.n_shards):
-        if encoder is None and not shard_done(plan, shard, work):
+        if encoder is None and not is_committed(plan.shard(work, shard)):
             from m2d2.text.offline import OfflineTextEncoder
 
             encoder = OfflineTextEncoder(config, device=device, dtype=dtype, remote_code=remote_code)

@@ -11,22 +11,22 @@ between the two writes leaves the previous index pointing at the previous matrix
 
 from __future__ import annotations
 
-import io
 import json
 import mmap
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from m2d2.io import atomic_write_bytes
+from m2d2.shards import npy_header
 
 ENCODER_META = b"m2d2.text_encoder"  # asdict(OfflineTextConfig) as JSON (also in the pre-matrix format)
-CACHE_META = b"m2d2.caption_cache"  # format, matrix file, shape, plan id, content hash, ...
+CACHE_META = b"m2d2.caption_cache"  # format, matrix file, shape, plan id, sha256 of the matrix, ...
 FORMAT = 2
 KEY = np.dtype("S16")
 INDEX_ROW_GROUP = 1 << 18
@@ -88,15 +88,22 @@ def read_keys(index_path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return keys, rows
 
 
-def npy_layout(path: str | Path) -> tuple[tuple[int, ...], np.dtype, int]:
-    """``(shape, dtype, data offset)`` of a C-order ``.npy`` file, read from its header only."""
-    with open(path, "rb") as handle:
-        version = np.lib.format.read_magic(handle)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read(handle)
-        if fortran:
-            raise ValueError(f"{path}: Fortran-ordered arrays are not supported")
-        return shape, dtype, handle.tell()
+def npy_layout(source: str | Path | BinaryIO) -> tuple[tuple[int, ...], np.dtype, int]:
+    """``(shape, dtype, data offset)`` of a C-order ``.npy`` file (a local path, or an open binary handle read from
+    its start), read from its header only."""
+    if not isinstance(source, (str, os.PathLike)):
+        return _header(source, getattr(source, "name", "npy stream"))
+    with open(source, "rb") as handle:
+        return _header(handle, source)
+
+
+def _header(handle: BinaryIO, name: object) -> tuple[tuple[int, ...], np.dtype, int]:
+    version = np.lib.format.read_magic(handle)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(handle)
+    if fortran:
+        raise ValueError(f"{name}: Fortran-ordered arrays are not supported")
+    return shape, dtype, handle.tell()
 
 
 def open_matrix(path: str | Path) -> tuple[mmap.mmap, np.ndarray]:
@@ -113,14 +120,6 @@ def open_matrix(path: str | Path) -> tuple[mmap.mmap, np.ndarray]:
     if hasattr(view, "madvise") and hasattr(mmap, "MADV_RANDOM"):
         view.madvise(mmap.MADV_RANDOM)
     return view, np.ndarray(shape, dtype=dtype, buffer=view, offset=offset)
-
-
-def npy_header(shape: tuple[int, ...], dtype: np.dtype | str = np.float16) -> bytes:
-    """The ``.npy`` (version 1.0) header of a C-order array: writers stream the data right after it."""
-    buffer = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buffer, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-                                                 "fortran_order": False, "shape": tuple(int(n) for n in shape)})
-    return buffer.getvalue()
 
 
 def npy_data_size(path: str | Path) -> tuple[int, int]:

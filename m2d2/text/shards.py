@@ -1,29 +1,31 @@
 """Sharded caption embedding: :func:`plan_shards` -> :func:`embed_shard` per shard -> :func:`merge_shards`.
 
 The three steps are separate so that shards can run as a Flyte ``map_task`` (one GPU each) over a work
-directory every task can see (a shared volume: the merged matrix is memory-mapped, so it must be a file)::
+directory every task can see: a shared volume or an ``s3://`` prefix. The merge writes the final cache to a local
+file (it is memory-mapped by its readers)::
 
-    plan = plan_shards(captions, n_shards, config); plan.save(workdir)           # one task
-    embed_shard(ShardPlan.load(workdir), shard, workdir, device="cuda")          # map_task over shards
-    merge_shards(ShardPlan.load(workdir), workdir, out_path)                     # one task
+    plan = plan_shards(captions, n_shards, config); uri = plan.save(workdir)     # one task
+    embed_shard(read_plan(uri), shard, workdir, device="cuda")                   # map_task over shards
+    merge_shards(read_plan(uri), workdir, out_path)                              # one task
 
 Bit-identity: the plan fixes every batch (its captions, hence its padding) for the whole caption set before any
 shard runs, and a shard is a contiguous run of whole batches. The vectors therefore do not depend on the number
 of shards, on which process ran which shard, or on a crash and resume in between (on the same hardware and
 software: GPU kernels may differ between GPU models).
 
-Crash safety: a shard writes its vectors under a temporary name, renames them into place, then writes
-``_SUCCESS.json`` (row range, plan id, content hash) last. Only a shard whose marker matches the plan is
-skipped on a re-run; anything else in its directory is redone.
+Crash safety: the commit protocol of :mod:`m2d2.shards`. A shard is ``<workdir>/rows-<start>-<end>.npy`` (float16
+``[rows, dim]``) and its marker ``rows-<start>-<end>.done.json``, written last with the shard's fingerprint (plan id
+and row range) and the file's sha256 and size. Only a shard whose marker matches the plan is skipped on a re-run;
+anything else is redone.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io as _io
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields, replace
@@ -34,10 +36,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from m2d2.io import atomic_write_bytes
+from m2d2 import io
 from m2d2.models.config import OfflineTextConfig
+from m2d2.shards import Shard, ShardWriter, build, delete_tree, npy_header, read_markers
 from m2d2.text.encoders import RemoteCodePolicy
-from m2d2.text.index import KEY, matrix_name, npy_data_size, npy_header, npy_layout, write_index
+from m2d2.text.index import KEY, matrix_name, npy_layout, write_index
 from m2d2.text.keys import NORMALIZATION, unique_captions
 
 if TYPE_CHECKING:
@@ -46,8 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PLAN_FILE = "plan.parquet"
-VECTORS = "vectors.npy"
-MARKER = "_SUCCESS.json"
+VECTORS = "npy"  # suffix of a shard's vectors file
 COPY_BYTES = 16 << 20  # merge streams shards through a buffer of this size, whatever their size
 
 
@@ -56,8 +58,8 @@ class ShardPlan:
     """Every unique caption's row, every batch and every shard, fixed before anything is embedded.
 
     Rows are ordered by (token length, text) when ``bucket`` (so each batch pads little), else by text (the
-    order the pre-shard cache used, which keeps its vectors bit-identical). ``plan_id`` hashes everything that
-    decides the output (encoder config, batching, captions) but not the number of shards.
+    order the pre-shard cache used, which keeps its vectors bit-identical). ``plan_id`` (sha256) hashes everything
+    that decides the output (encoder config, batching, captions) but not the number of shards.
     """
 
     config: OfflineTextConfig
@@ -94,16 +96,24 @@ class ShardPlan:
         first, last = self.shard_batches[shard], self.shard_batches[shard + 1]
         return int(self.batch_starts[first]), int(self.batch_starts[last])
 
-    def shard_dir(self, workdir: str | Path, shard: int) -> Path:
+    def fingerprint(self, shard: int) -> str:
+        """Identity of ``shard``'s vectors: the plan id and the row range (not the shard's number, so a plan with
+        another shard count reuses the shards whose rows coincide)."""
         start, end = self.shard_rows(shard)
-        return Path(workdir) / f"rows-{start:010d}-{end:010d}"
+        return hashlib.sha256(json.dumps({"plan_id": self.plan_id, "rows": [start, end]}).encode()).hexdigest()
+
+    def shard(self, workdir: str | Path, shard: int) -> Shard:
+        """Where ``shard`` goes in ``workdir`` (``rows-<start>-<end>.npy`` and its marker), and its fingerprint."""
+        start, end = self.shard_rows(shard)
+        return Shard(str(workdir), f"rows-{start:010d}-{end:010d}", self.fingerprint(shard))
 
     def settings(self) -> dict[str, Any]:
         return {"config": asdict(self.config), "batch_size": self.batch_size, "max_tokens": self.max_tokens,
                 "bucket": self.bucket, "dtype": self.dtype, "normalization": NORMALIZATION}
 
-    def save(self, workdir: str | Path) -> Path:
-        """Write the plan to ``workdir/plan.parquet`` (atomic) for the shard and merge tasks."""
+    def save(self, workdir: str | Path) -> str:
+        """Write the plan to ``<workdir>/plan.parquet`` (atomic; local or ``s3://``) for the shard and merge tasks;
+        its URI."""
         table = pa.table({
             "caption": pa.array(self.captions, type=pa.string()),
             "caption_key": pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), self.rows,
@@ -115,32 +125,37 @@ class ShardPlan:
                 "remote_code": asdict(self.remote_code)}
         sink = pa.BufferOutputStream()
         pq.write_table(table.replace_schema_metadata({b"m2d2.shard_plan": json.dumps(meta)}), sink)
-        path = Path(workdir) / PLAN_FILE
-        atomic_write_bytes(path, sink.getvalue().to_pybytes())
-        return path
+        uri = io.join(str(workdir), PLAN_FILE)
+        io.atomic_write_bytes(uri, sink.getvalue().to_pybytes())
+        return uri
 
-    @classmethod
-    def load(cls, workdir: str | Path) -> ShardPlan:
-        """Read a saved plan; its id is recomputed, so a damaged or hand-edited plan is refused."""
-        path = Path(workdir) / PLAN_FILE
-        table = pq.read_table(path)
-        meta = json.loads(table.schema.metadata[b"m2d2.shard_plan"])
-        known = {f.name for f in fields(OfflineTextConfig)}
-        if set(meta["config"]) - known:
-            raise ValueError(f"{path}: encoder config fields {sorted(set(meta['config']) - known)} are unknown here")
-        column = table.column("caption_key").combine_chunks()
-        keys = np.frombuffer(column.buffers()[1], dtype=KEY, count=len(column), offset=column.offset * 16).copy()
-        plan = _build(OfflineTextConfig(**meta["config"]), meta["batch_size"], meta["max_tokens"], meta["bucket"],
-                      meta["dtype"], table.column("caption").to_pylist(), keys, table.column("length").to_numpy(),
-                      np.asarray(meta["batch_starts"], dtype=np.int64), np.asarray(meta["shard_batches"], dtype=np.int64),
-                      meta["n_input"])
-        if plan.plan_id != meta["plan_id"]:
-            raise ValueError(f"{path}: content does not match its plan id (damaged file?)")
-        return replace(plan, remote_code=RemoteCodePolicy(**meta.get("remote_code", {})))
+
+def read_plan(uri: str) -> ShardPlan:
+    """The plan :meth:`ShardPlan.save` stored at ``uri``; its id is recomputed, so a damaged or hand-edited plan is
+    refused."""
+    table = pq.read_table(_io.BytesIO(io.read_bytes(uri)))
+    meta = json.loads(table.schema.metadata[b"m2d2.shard_plan"])
+    known = {f.name for f in fields(OfflineTextConfig)}
+    if set(meta["config"]) - known:
+        raise ValueError(f"{uri}: encoder config fields {sorted(set(meta['config']) - known)} are unknown here")
+    column = table.column("caption_key").combine_chunks()
+    keys = np.frombuffer(column.buffers()[1], dtype=KEY, count=len(column), offset=column.offset * 16).copy()
+    plan = _build(OfflineTextConfig(**meta["config"]), meta["batch_size"], meta["max_tokens"], meta["bucket"],
+                  meta["dtype"], table.column("caption").to_pylist(), keys, table.column("length").to_numpy(),
+                  np.asarray(meta["batch_starts"], dtype=np.int64), np.asarray(meta["shard_batches"], dtype=np.int64),
+                  meta["n_input"])
+    if plan.plan_id != meta["plan_id"]:
+        raise ValueError(f"{uri}: content does not match its plan id (damaged file?)")
+    return replace(plan, remote_code=RemoteCodePolicy(**meta.get("remote_code", {})))
+
+
+def plan_workdir(uri: str) -> str:
+    """The work directory of the plan stored at ``uri``: its shards go beside it."""
+    return str(uri).rsplit("/", 1)[0] if "/" in str(uri) else "."
 
 
 def _plan_id(settings: dict[str, Any], captions: list[str], keys: np.ndarray, batch_starts: np.ndarray) -> str:
-    digest = hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=16)
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     digest.update(np.ascontiguousarray(keys, dtype=KEY).tobytes())
     digest.update(np.asarray(batch_starts, dtype="<i8").tobytes())
     for text in captions:
@@ -245,34 +260,6 @@ class ShardResult:
         return self.rows / self.seconds if self.seconds > 0 else 0.0
 
 
-def _read_marker(plan: ShardPlan, shard: int, workdir: str | Path) -> dict[str, Any] | None:
-    """The shard's marker if it vouches for this plan's rows and its vectors file has the right shape."""
-    folder = plan.shard_dir(workdir, shard)
-    try:
-        marker = json.loads((folder / MARKER).read_text())
-        shape, dtype, _ = npy_layout(folder / VECTORS)
-        expected, size = npy_data_size(folder / VECTORS)
-    except (OSError, ValueError):
-        return None
-    start, end = plan.shard_rows(shard)
-    ok = (marker.get("plan_id") == plan.plan_id and marker.get("rows") == [start, end] and size == expected
-          and shape == (end - start, plan.config.dim) and dtype == np.float16)
-    return marker if ok else None
-
-
-def shard_done(plan: ShardPlan, shard: int, workdir: str | Path) -> bool:
-    """True when ``shard`` of ``plan`` is committed in ``workdir`` (its marker matches the plan)."""
-    return _read_marker(plan, shard, workdir) is not None
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def check_encoder_matches(plan: ShardPlan, encoder: OfflineTextEncoder) -> None:
     """A reused encoder must be the plan's encoder at the plan's precision, or the shards would mix models."""
     from m2d2.text.encoders import resolve_dtype
@@ -285,73 +272,75 @@ def check_encoder_matches(plan: ShardPlan, encoder: OfflineTextEncoder) -> None:
 
 def embed_shard(plan: ShardPlan, shard: int, workdir: str | Path, *, device: str = "cpu",
                 encoder: OfflineTextEncoder | None = None) -> ShardResult:
-    """Embed the rows of ``shard`` and commit them to ``workdir`` (skipped when already committed).
+    """Embed the rows of ``shard`` and commit them to ``workdir`` (local or ``s3://``; skipped when already
+    committed).
 
     Pass ``encoder`` to reuse a loaded model across shards in one process; otherwise one is loaded on ``device``
-    at the plan's precision. Writes go to a temporary file first and the marker last (see module docstring).
+    at the plan's precision. The vectors appear whole or not at all, and the marker is written last (see
+    :func:`m2d2.shards.build`).
     """
-    from tqdm import tqdm
-
     start, end = plan.shard_rows(shard)
-    folder = plan.shard_dir(workdir, shard)
-    if shard_done(plan, shard, workdir):
+    measured: dict[str, Any] = {}
+
+    def make(out: ShardWriter) -> dict[str, Any]:
+        nonlocal encoder
+        if encoder is None:
+            from m2d2.text.offline import OfflineTextEncoder
+
+            encoder = OfflineTextEncoder(plan.config, device=device, dtype=plan.dtype, remote_code=plan.remote_code)
+        check_encoder_matches(plan, encoder)
+        measured.update(_embed_rows(plan, shard, encoder, out))
+        return {"plan_id": plan.plan_id, "rows": [start, end], "dim": plan.config.dim, **measured,
+                "device": str(encoder.device), "dtype": str(encoder.dtype).removeprefix("torch.")}
+
+    done = build(plan.shard(workdir, shard), make)
+    if not done.built:
         log.info("caption shard %d (rows %d-%d) already complete: skipped", shard, start, end)
         return ShardResult(shard, end - start, 0.0, skipped=True)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / MARKER).unlink(missing_ok=True)  # a stale marker must never vouch for the new vectors
-    for stale in folder.glob(f".{VECTORS}.*.tmp"):  # left by a killed run
-        stale.unlink(missing_ok=True)
-    if encoder is None:
-        from m2d2.text.offline import OfflineTextEncoder
-
-        encoder = OfflineTextEncoder(plan.config, device=device, dtype=plan.dtype, remote_code=plan.remote_code)
-    check_encoder_matches(plan, encoder)
-    tmp = folder / f".{VECTORS}.{os.getpid()}.tmp"
-    digest = hashlib.blake2b(digest_size=16)
-    first, last = int(plan.shard_batches[shard]), int(plan.shard_batches[shard + 1])
-    padded = tokens = 0
-    began = time.perf_counter()
-    try:
-        with open(tmp, "wb") as out:
-            out.write(npy_header((end - start, plan.config.dim)))
-            bar = tqdm(range(first, last), desc=f"embed shard {shard}", unit="batch", leave=False)
-            for batch in bar:
-                lo, hi = int(plan.batch_starts[batch]), int(plan.batch_starts[batch + 1])
-                vectors = encoder.encode_batch(plan.captions[lo:hi]).numpy().astype(np.float16)
-                bad = ~np.isfinite(vectors).all(axis=1)
-                if bad.any():
-                    raise ValueError(f"caption {plan.captions[lo + int(np.argmax(bad))]!r} gives a non-finite "
-                                     f"float16 vector (overflow above 65504?) with encoder {plan.config.path!r}")
-                out.write(vectors.tobytes())
-                digest.update(vectors.tobytes())
-                padded += (hi - lo) * int(plan.lengths[lo:hi].max())
-                tokens += int(plan.lengths[lo:hi].sum())
-                bar.set_postfix(captions_per_s=f"{(hi - start) / (time.perf_counter() - began):.0f}", refresh=False)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, folder / VECTORS)
-        _fsync(folder)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    seconds = time.perf_counter() - began
-    marker = {"plan_id": plan.plan_id, "rows": [start, end], "dim": plan.config.dim, "content_hash": digest.hexdigest(),
-              "device": str(encoder.device), "dtype": str(encoder.dtype).removeprefix("torch."), "seconds": seconds}
-    atomic_write_bytes(folder / MARKER, json.dumps(marker, sort_keys=True).encode())
-    result = ShardResult(shard, end - start, seconds, skipped=False, padded_tokens=padded, tokens=tokens)
-    log.info("caption shard %d: %d captions in %.1f s = %.1f captions/s%s", shard, result.rows, seconds,
-             result.captions_per_s, f" (padding {100 * (1 - tokens / padded):.0f}% of tokens)" if padded else "")
+    result = ShardResult(shard, end - start, measured["seconds"], skipped=False,
+                         padded_tokens=measured["padded_tokens"], tokens=measured["tokens"])
+    log.info("caption shard %d: %d captions in %.1f s = %.1f captions/s%s", shard, result.rows, result.seconds,
+             result.captions_per_s,
+             f" (padding {100 * (1 - result.tokens / result.padded_tokens):.0f}% of tokens)" if result.padded_tokens
+             else "")
     return result
 
 
-def merge_shards(plan: ShardPlan, workdir: str | Path, out_path: str | Path) -> int:
-    """Concatenate the committed shards into ``<out>.<plan id>.f16.npy`` and write the index ``out_path`` last.
+def _embed_rows(plan: ShardPlan, shard: int, encoder: OfflineTextEncoder, out: ShardWriter) -> dict[str, Any]:
+    """Stream ``shard``'s float16 vectors, batch by batch as the plan cut them, into its ``.npy``."""
+    from tqdm import tqdm
 
-    Each shard's content hash is checked while copying; the index records the whole matrix's hash. Matrices of
-    earlier plans beside ``out_path`` are removed once the new index is in place. Returns the number of rows.
+    start, end = plan.shard_rows(shard)
+    first, last = int(plan.shard_batches[shard]), int(plan.shard_batches[shard + 1])
+    padded = tokens = 0
+    began = time.perf_counter()
+    with out.open(VECTORS) as sink:
+        sink.write(npy_header((end - start, plan.config.dim)))
+        bar = tqdm(range(first, last), desc=f"embed shard {shard}", unit="batch", leave=False)
+        for batch in bar:
+            lo, hi = int(plan.batch_starts[batch]), int(plan.batch_starts[batch + 1])
+            vectors = encoder.encode_batch(plan.captions[lo:hi]).numpy().astype(np.float16)
+            bad = ~np.isfinite(vectors).all(axis=1)
+            if bad.any():
+                raise ValueError(f"caption {plan.captions[lo + int(np.argmax(bad))]!r} gives a non-finite "
+                                 f"float16 vector (overflow above 65504?) with encoder {plan.config.path!r}")
+            sink.write(vectors.tobytes())
+            padded += (hi - lo) * int(plan.lengths[lo:hi].max())
+            tokens += int(plan.lengths[lo:hi].sum())
+            bar.set_postfix(captions_per_s=f"{(hi - start) / (time.perf_counter() - began):.0f}", refresh=False)
+    return {"seconds": time.perf_counter() - began, "padded_tokens": padded, "tokens": tokens}
+
+
+def merge_shards(plan: ShardPlan, workdir: str | Path, out_path: str | Path) -> int:
+    """Concatenate the committed shards of ``workdir`` (local or ``s3://``) into the local matrix
+    ``<out>.<plan id>.f16.npy`` and write the index ``out_path`` (a local file: readers memory-map the matrix) last.
+
+    Each shard's sha256 is checked while copying; the index records the whole matrix's sha256. Matrices of earlier
+    plans beside ``out_path`` are removed once the new index is in place. Returns the number of rows.
     """
     out_path = Path(out_path)
-    markers = [_read_marker(plan, shard, workdir) for shard in range(plan.n_shards)]
+    shards = [plan.shard(workdir, shard) for shard in range(plan.n_shards)]
+    markers = read_markers(shards)
     missing = [shard for shard, marker in enumerate(markers) if marker is None]
     if missing:
         raise RuntimeError(f"{len(missing)} of {plan.n_shards} caption shards are not complete in {workdir}: "
@@ -359,31 +348,24 @@ def merge_shards(plan: ShardPlan, workdir: str | Path, out_path: str | Path) -> 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     matrix = out_path.parent / matrix_name(out_path, plan.plan_id)
     tmp = matrix.with_name(f".{matrix.name}.{os.getpid()}.tmp")
-    whole = hashlib.blake2b(digest_size=16)
+    whole = hashlib.sha256()
     try:
         with open(tmp, "wb") as out:
-            out.write(npy_header((plan.rows, plan.config.dim)))
-            for shard, marker in enumerate(markers):  # shards are contiguous row ranges, in order
-                source = plan.shard_dir(workdir, shard) / VECTORS
-                part = hashlib.blake2b(digest_size=16)
-                with open(source, "rb") as handle:
-                    handle.seek(npy_layout(source)[2])
-                    while chunk := handle.read(COPY_BYTES):
-                        part.update(chunk)
-                        whole.update(chunk)
-                        out.write(chunk)
-                if part.hexdigest() != marker["content_hash"]:
-                    raise ValueError(f"caption shard {shard} in {workdir} does not match the hash in its marker")
+            header = npy_header((plan.rows, plan.config.dim))
+            out.write(header)
+            whole.update(header)
+            for k, (shard, marker) in enumerate(zip(shards, markers, strict=True)):  # contiguous rows, in order
+                _copy_vectors(plan, k, shard, marker["files"][VECTORS]["sha256"], out, whole)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, matrix)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    compute = sorted({f"{m['device']}/{m['dtype']}" for m in markers if m})
+    compute = sorted({f"{m['info']['device']}/{m['info']['dtype']}" for m in markers if m})
     write_index(out_path, plan.keys, np.arange(plan.rows), plan.captions, asdict(plan.config), {
         "matrix": matrix.name, "rows": plan.rows, "dim": plan.config.dim, "dtype": "float16",
-        "plan_id": plan.plan_id, "content_hash": whole.hexdigest(), "normalization": NORMALIZATION,
+        "plan_id": plan.plan_id, "sha256": whole.hexdigest(), "normalization": NORMALIZATION,
         "batch_size": plan.batch_size, "max_tokens": plan.max_tokens, "bucket": plan.bucket, "compute": compute,
         "input_captions": plan.n_input,
     })
@@ -393,5 +375,25 @@ def merge_shards(plan: ShardPlan, workdir: str | Path, out_path: str | Path) -> 
     return plan.rows
 
 
+def _copy_vectors(plan: ShardPlan, k: int, shard: Shard, sha256: str, out: Any, whole: Any) -> None:
+    """Append shard ``k``'s vectors (its data, not its header) to ``out``, checking its header and sha256."""
+    start, end = plan.shard_rows(k)
+    part = hashlib.sha256()
+    with io.open_binary(shard.uri(VECTORS)) as handle:
+        shape, dtype, offset = npy_layout(handle)
+        if shape != (end - start, plan.config.dim) or dtype != np.float16:
+            raise ValueError(f"caption shard {k} in {shard.root} holds {shape} {dtype}, the plan says "
+                             f"({end - start}, {plan.config.dim}) float16")
+        handle.seek(0)
+        part.update(handle.read(offset))
+        while chunk := handle.read(COPY_BYTES):
+            part.update(chunk)
+            whole.update(chunk)
+            out.write(chunk)
+    if part.hexdigest() != sha256:
+        raise ValueError(f"caption shard {k} in {shard.root} does not match the hash in its marker")
+
+
 def remove_workdir(workdir: str | Path) -> None:
-    shutil.rmtree(workdir, ignore_errors=True)
+    """Remove a work directory (local or ``s3://``) and its shards."""
+    delete_tree(str(workdir))
