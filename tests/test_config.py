@@ -1,5 +1,5 @@
-"""Configs: the strict loader (m2d2.config), the typed stage sections, the one preset registry, and the Flyte
-paths a PipelineConfig takes (type engine, `pyflyte run --cfg FILE`)."""
+"""Configs: the strict loader (m2d2.config), the typed stage sections, the one preset registry, `m2d2 config show`,
+and the Flyte paths a PipelineConfig takes (type engine, `pyflyte run --cfg FILE`)."""
 
 from __future__ import annotations
 
@@ -174,3 +174,28 @@ def test_pyflyte_cfg_file_is_loaded_strictly(tmp_path):
     bad.write_text(json.dumps({"stage2": {"optim": {"lrr": 1.0}}}))
     with pytest.raises(ConfigError, match="stage2.optim.lrr: unknown key"):
         JsonParamType(PipelineConfig).convert(str(bad), None, None)
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "m2d2.cli", "config", "show", *args], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+def test_config_show_prints_the_effective_config(tmp_path):
+    shown = _cli("--preset", "paper")
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert loads(shown.stdout, PipelineConfig) == presets.pipeline_config("paper")
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("experiment: tuned\nstage2:\n  optim:\n    base_lr: 1.0e-5\n")
+    shown = _cli("--preset", "smoke", "--cfg", str(overlay), "--format", "json")
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    expected = presets.pipeline_config("smoke", experiment="tuned", stage2={"optim": {"base_lr": 1e-5}})
+    assert PipelineConfig.from_json(shown.stdout) == expected
+    alone = _cli("--cfg", str(overlay))  # what pyflyte runs with this file: the defaults (demo) overlaid
+    assert loads(alone.stdout, PipelineConfig) == presets.pipeline_config(
+        "demo", experiment="tuned", stage2={"optim": {"base_lr": 1e-5}})
+    overlay.write_text("stage2:\n  optim:\n    lrr: 1.0e-5\n")
+    failed = _cli("--cfg", str(overlay))
+    assert failed.returncode == 2 and failed.stdout == ""
+    assert failed.stderr.strip().startswith(f"m2d2 config: {overlay}: stage2.optim.lrr: unknown key; known: name,")
