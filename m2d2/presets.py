@@ -84,15 +84,12 @@ def stage_config(stage: str, name: str) -> TrainStageConfig:
 def pipeline_config(name: str, **changes: Any) -> PipelineConfig:
     """The pipeline of preset ``name`` (its stages included), with ``changes`` applied as
     :func:`m2d2.config.merge` does (a mapping overlays a section: ``stage1={"schedule": {"max_steps": 2}}``)."""
-    from m2d2.pipeline.config import CorpusSettings, PipelineConfig
+    from m2d2.pipeline.config import PipelineConfig
 
     recipe = _recipe(name)
-    fields = recipe.pipeline()
-    if "corpus" in fields:
-        fields["corpus"] = CorpusSettings(**fields["corpus"])
     stages = recipe.stages()
-    cfg = PipelineConfig(preset=name, **fields, stage1=stages["stage1"], stage11=stages["stage1.1"],
-                         stage2=stages["stage2"], stage21=stages["stage2.1"])
+    cfg = merge(PipelineConfig(preset=name, stage1=stages["stage1"], stage11=stages["stage1.1"],
+                               stage2=stages["stage2"], stage21=stages["stage2.1"]), recipe.pipeline())
     return merge(cfg, changes) if changes else cfg
 
 
@@ -101,7 +98,7 @@ def pipeline_config(name: str, **changes: Any) -> PipelineConfig:
 class _Recipe:
     model: Callable[[], M2D2Config]
     stages: Callable[[], dict[str, TrainStageConfig]]
-    pipeline: Callable[[], dict[str, Any]]  # PipelineConfig fields besides the stages
+    pipeline: Callable[[], dict[str, Any]]  # PipelineConfig keys besides the stages, as a file would hold them
 
 
 def _recipe(name: str) -> _Recipe:
