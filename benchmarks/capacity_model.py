@@ -102,7 +102,7 @@ NOTES: dict[str, tuple[str, str]] = {
     "caption_tokens": ("tokens", "mean tokens of a caption for the 7-B decoder (Auto-ACD / WavCaps sentences)"),
     "caption_padding": ("fraction", "padding left by length bucketing (the cpu-smoke run measures ~15 %)"),
     "unique_captions": ("captions", "~ one unique caption per stage-1 clip (paper IV-A: 2,532,215 clips)"),
-    "caption_shards": ("shards", "PipelineConfig.from_preset('paper').caption_shards (a test keeps them equal)"),
+    "caption_shards": ("shards", "m2d2.presets.pipeline_config('paper').caption_shards (a test keeps them equal)"),
     "short_clip_s": ("s", "AudioSet, VGGSound, AudioCaps clips are 10-s segments"),
     "audioset_clips": ("clips", "AudioSet-2M clips still downloadable, which stage 1.1's balanced sampler draws from"),
     "wavcaps_clips": ("clips", "WavCaps outside AudioSet (FreeSound, BBC, SoundBible) in the stage-1 set"),
@@ -151,16 +151,15 @@ def model_facts(cfg=None, bert: dict | None = None, decoder: dict | None = None,
     """
     import torch
 
-    from m2d2.models import M2D2Config
     from m2d2.models.masking import random_structured_mask, random_unstructured_mask
-    from m2d2.train.config import stage_preset
+    from m2d2.presets import model_config, stage_config
 
-    cfg = cfg or M2D2Config.preset("paper")
+    cfg = cfg or model_config("paper")
     bert, decoder = bert or BERT_BASE, decoder or MISTRAL_7B
     e, pr, pj = cfg.encoder, cfg.predictor, cfg.projector
     d, patch = e.embed_dim, e.patch_size[0] * e.patch_size[1]
     grid608 = e.grid
-    late = stage_preset("stage1.1", "paper").crop_frames
+    late = stage_config("stage1.1", "paper").data.crop_frames
     grid_late = (grid608[0], late // e.patch_size[1])
     n608, n_late = grid608[0] * grid608[1], grid_late[0] * grid_late[1]
     gen = torch.Generator().manual_seed(0)
@@ -169,7 +168,7 @@ def model_facts(cfg=None, bert: dict | None = None, decoder: dict | None = None,
     def structured(ratio: float) -> float:
         return sum(random_structured_mask(1, grid_late, ratio, gen).ids_keep.shape[1] for _ in range(400)) / 400
 
-    visible11 = structured(stage_preset("stage1.1", "paper").patch_out)
+    visible11 = structured(stage_config("stage1.1", "paper").augment.patch_out)
     visible2 = structured(cfg.clap.stage2_mask_ratio)
     enc_blocks = e.depth * block_params(d, e.mlp_ratio)
     encoder = enc_blocks + 2 * d + patch * d + d + d  # + final norm, patch conv (+ bias), cls
@@ -228,25 +227,28 @@ class StageRecipe:
     store_s: float = 0.0  # audio seconds of the clips it reads (object store bytes)
 
 
-def recipes(a: Assumptions) -> dict[str, StageRecipe]:
-    from m2d2.train.config import stage_preset
+def _shape(cfg) -> tuple[int, int, int]:
+    """(epochs, global batch, GPUs) of a stage config."""
+    return cfg.schedule.epochs, cfg.schedule.global_batch, cfg.topology.nnodes * cfg.topology.nproc_per_node
 
-    s1, s11, s2, s21 = (stage_preset(s, "paper") for s in STAGES)
+
+def recipes(a: Assumptions) -> dict[str, StageRecipe]:
+    from m2d2.presets import stage_config
+
+    s1, s11, s2, s21 = (stage_config(s, "paper") for s in STAGES)
     short = 2_532_215 - a.wavcaps_clips
     stage1_s = short * a.short_clip_s + a.wavcaps_clips * a.wavcaps_capped_mean_s
     # Stage 2's list adds AudioCaps train and Clotho dev to stage 1's; stage 2.1's is WavCaps + AudioCaps + Clotho
     # (file lists of the public reference repository, github.com/nttcslab/m2d, clap/README).
     stage2_clips = 2_585_227
     return {
-        "stage1": StageRecipe("stage1", 2_532_215, s1.epochs, s1.global_batch, s1.nnodes * s1.nproc_per_node, 512,
-                              608, a.mfu_stage1, stage1_s),
-        "stage1.1": StageRecipe("stage1.1", s11.samples_per_epoch, s11.epochs, s11.global_batch,
-                                s11.nnodes * s11.nproc_per_node, 64, s11.crop_frames, a.mfu_stage11,
-                                a.audioset_clips * a.short_clip_s),
-        "stage2": StageRecipe("stage2", stage2_clips, s2.epochs, s2.global_batch, s2.nnodes * s2.nproc_per_node, 512,
-                              s2.crop_frames, a.mfu_stage2, stage1_s + (stage2_clips - 2_532_215) * a.short_clip_s),
-        "stage2.1": StageRecipe("stage2.1", 439_743, s21.epochs, s21.global_batch, s21.nnodes * s21.nproc_per_node,
-                                512, s21.crop_frames, a.mfu_stage21, 439_743 * a.subset21_mean_s),
+        "stage1": StageRecipe("stage1", 2_532_215, *_shape(s1), 512, 608, a.mfu_stage1, stage1_s),
+        "stage1.1": StageRecipe("stage1.1", s11.data.samples_per_epoch, *_shape(s11), 64, s11.data.crop_frames,
+                                a.mfu_stage11, a.audioset_clips * a.short_clip_s),
+        "stage2": StageRecipe("stage2", stage2_clips, *_shape(s2), 512, s2.data.crop_frames, a.mfu_stage2,
+                              stage1_s + (stage2_clips - 2_532_215) * a.short_clip_s),
+        "stage2.1": StageRecipe("stage2.1", 439_743, *_shape(s21), 512, s21.data.crop_frames, a.mfu_stage21,
+                                439_743 * a.subset21_mean_s),
     }
 
 
@@ -383,14 +385,14 @@ def expected_time_s(work_s: float, interval_s: float, write_s: float, restart_s:
 
 
 def preemption(stage: str, n: int, a: Assumptions, facts: dict, m: Measured) -> dict[str, Any]:
-    from m2d2.train.config import stage_preset
+    from m2d2.presets import stage_config
 
     row = stage_row(stage, n, a, facts, m)
     work = row["steps"] * row["step_ms"] / 1e3
     write = checkpoint_write_s(stage, n, facts, a, 0)
     nodes = math.ceil(n / a.gpus_per_node)
     mtbf = a.node_mtbf_h * 3600 / nodes
-    every = stage_preset(stage, "paper").checkpoint_every
+    every = stage_config(stage, "paper").checkpoint.every
     chosen = every * row["step_ms"] / 1e3 if every else work
     young = math.sqrt(2 * write * mtbf)
     best = min(young, work)

@@ -70,9 +70,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmar
 from bench_embed import synthetic_captions  # noqa: E402
 from capacity_model import BERT_BASE, MISTRAL_7B, Assumptions  # noqa: E402
 
+from m2d2 import presets
 from m2d2.models import M2D2, M2D2Config, OfflineTextConfig, TransformersTextConfig
 from m2d2.text.encoders import PooledTransformer, TextEncoderPlugin, _dtype_kwargs, register_encoder
-from m2d2.train.config import TrainStageConfig, stage_preset
+from m2d2.train.config import TrainStageConfig
 from m2d2.train.engine import FAULT_EXIT_CODE
 from m2d2.train.finetune import FineTuneModel, expand_encoder_frames
 from m2d2.train.objectives import CLASSIFIER_DIR, HEAD_FILE, ClapObjective, FineTuneObjective
@@ -88,8 +89,8 @@ PAPER_UNIQUE_CAPTIONS = Assumptions.unique_captions  # paper IV-A: 2,532,215 tra
 class Preset:
     """Shapes, step counts and time budgets (seconds) of one run."""
 
-    model: str  # M2D2Config preset
-    hyper: str  # stage_preset name the optimiser settings come from
+    model: str  # m2d2.presets name of the model
+    hyper: str  # m2d2.presets name the stage settings (optimiser, augmentation) come from
     micro_batch: dict[str, int]
     late_frames: int  # crop of stages 1.1, 2, 2.1 (the encoder grows to it in stage 1.1)
     text_encoder: dict[str, Any]  # transformers config of stage 2's text encoder (random weights)
@@ -258,7 +259,7 @@ def _train_wordpiece(target: Path) -> None:
 def model_config(p: Preset) -> M2D2Config:
     """The preset's model with the released 2025 weights' normalisation statistics (public reference repository),
     which bf16 cannot represent: an export that rounded its buffers would show."""
-    cfg = M2D2Config.preset(p.model)
+    cfg = presets.model_config(p.model)
     cfg.norm_mean, cfg.norm_std = -7.26178, 4.35115
     return cfg
 
@@ -266,9 +267,10 @@ def model_config(p: Preset) -> M2D2Config:
 def stage_config(stage: str, p: Preset, micro: int, compile_mode: str) -> TrainStageConfig:
     """The stage preset's settings on one process at ``micro`` per step, bf16. The learning rate stays the
     preset's (the rate every rank of the paper run applies to its averaged gradient), not rescaled to ``micro``."""
-    base = stage_preset(stage, p.hyper)
-    return base.replace(global_batch=micro, base_lr=base.lr * 256 / micro, accum_steps=1, nnodes=1, nproc_per_node=1,
-                        precision="bf16", compile=compile_mode, num_workers=0)
+    base = presets.stage_config(stage, p.hyper)
+    return base.replace(schedule={"global_batch": micro, "accum_steps": 1}, optim={"base_lr": base.lr * 256 / micro},
+                        topology={"nnodes": 1, "nproc_per_node": 1, "precision": "bf16", "compile": compile_mode},
+                        data={"num_workers": 0})
 
 
 def text_encoder_config(p: Preset, ctx: Context) -> TransformersTextConfig:
@@ -290,12 +292,13 @@ def build_objective(stage: str, p: Preset, ctx: Context, cfg: TrainStageConfig):
         base = M2D2.from_pretrained(previous) if previous else M2D2(model_config(p), with_m2d=False)
         expand_encoder_frames(base.encoder, p.late_frames)
         classes = [f"class-{i:03d}" for i in range(p.classes)]
-        model = FineTuneModel(base.encoder, base.norm_stats, len(classes), freq_mask=cfg.freq_mask,
-                              time_mask=cfg.time_mask)
+        model = FineTuneModel(base.encoder, base.norm_stats, len(classes), freq_mask=cfg.augment.freq_mask,
+                              time_mask=cfg.augment.time_mask)
         model.requires_grad_(True)
-        objective = FineTuneObjective(model, base, classes, mixup_alpha=cfg.mixup_alpha, patch_out=cfg.patch_out)
+        objective = FineTuneObjective(model, base, classes, mixup_alpha=cfg.augment.mixup_alpha,
+                                      patch_out=cfg.augment.patch_out)
         return objective, "stage1 export" if previous else "fresh"
-    mask = cfg.mask_ratio if cfg.mask_ratio >= 0 else None
+    mask = cfg.augment.mask_ratio  # None: the model's stage2_mask_ratio
     if stage == "stage2.1" and previous:
         model = M2D2.from_pretrained(previous)
         model.set_stage("stage2")
@@ -419,8 +422,8 @@ def stage_attempt(stage: str, p: Preset, ctx: Context, micro: int, deadline: flo
     timed = seconds[p.timed_from:] or seconds
     ms = 1e3 * statistics.median(timed)
     peak, peak_kind = _peak_gib(device)
-    result = {"micro_batch": micro, "start": start, "lr": cfg.lr, "optimizer": cfg.optimizer,
-              "deepspeed_optimizer": type(trainer.optimizer).__name__, "zero_stage": cfg.zero_stage,
+    result = {"micro_batch": micro, "start": start, "lr": cfg.lr, "optimizer": cfg.optim.name,
+              "deepspeed_optimizer": type(trainer.optimizer).__name__, "zero_stage": cfg.topology.zero_stage,
               "compiled_blocks": trainer.compiled_blocks, "steps_done": len(losses),
               "skipped_steps": sum(v is None for v in outputs), "first_steps_s": seconds[:p.timed_from],
               "ms_per_step": ms, "ms_per_step_mean": 1e3 * statistics.fmean(timed), "samples_per_s": micro / ms * 1e3,
@@ -622,7 +625,7 @@ def run_captions(p: Preset, ctx: Context, deadline: float, decoder_layers: int |
 
     device = ctx.device
     folder, decoder = _decoder_dir(p, ctx, decoder_layers)
-    paper_text = M2D2Config.preset("paper").text.offline
+    paper_text = presets.model_config("paper").text.offline
     config = replace(paper_text, kind=RANDOM_DECODER, path=str(folder), dim=decoder["hidden_size"], max_length=512)
     _reset_peak(device)
     began = time.perf_counter()
@@ -729,8 +732,8 @@ def resume_worker(spec: dict[str, Any]) -> None:
     p = PRESETS[spec["preset"]]
     micro = spec["micro_batch"]
     cfg = stage_config("stage1", p, micro, spec["compile"]).replace(
-        max_steps=spec["steps"], checkpoint_every=spec["every"], log_every=1, warmup_epochs=0.5,
-        num_workers=spec["workers"], keep_checkpoints=spec["steps"])
+        log_every=1, schedule={"max_steps": spec["steps"], "warmup_epochs": 0.5},
+        checkpoint={"every": spec["every"], "keep": spec["steps"]}, data={"num_workers": spec["workers"]})
     model_cfg = model_config(p)
     torch.manual_seed(cfg.seed)
     model = M2D2(model_cfg)

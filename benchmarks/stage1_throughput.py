@@ -46,9 +46,9 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from m2d2 import presets
 from m2d2.models import M2D2, M2D2Config
 from m2d2.models.masking import random_unstructured_mask
-from m2d2.train.config import stage_preset
 from m2d2.train.engine import Trainer, lr_at, step_generator
 from m2d2.train.objectives import ClapObjective
 
@@ -173,10 +173,10 @@ class ReferenceStep:
     def __init__(self, model: ReferenceM2D2, train_cfg, total: int, warmup: int, device: torch.device):
         self.model, self.cfg, self.total, self.warmup, self.device = model, train_cfg, total, warmup, device
         params = [p for p in model.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": train_cfg.weight_decay},
+        groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": train_cfg.optim.weight_decay},
                   {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
         self.params = params
-        self.opt = torch.optim.AdamW(groups, lr=train_cfg.lr, betas=(train_cfg.beta1, train_cfg.beta2),
+        self.opt = torch.optim.AdamW(groups, lr=train_cfg.lr, betas=(train_cfg.optim.beta1, train_cfg.optim.beta2),
                                      fused=device.type == "cuda")
         self.online = [*model.encoder.blocks.parameters(), *model.encoder.norm.parameters()]
         self.ema = [*model.target.blocks.parameters(), *model.target.norm.parameters()]
@@ -185,14 +185,14 @@ class ReferenceStep:
     def step(self, step: int, lms: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         m2d = self.model.cfg.m2d
         for group in self.opt.param_groups:
-            group["lr"] = lr_at(step, self.total, self.warmup, self.cfg.lr, self.cfg.min_lr)
+            group["lr"] = lr_at(step, self.total, self.warmup, self.cfg.lr, self.cfg.optim.min_lr)
         gen = step_generator(self.cfg.seed, step, 0, self.device)
         mask = random_unstructured_mask(lms.shape[0], self.model.grid[0] * self.model.grid[1], m2d.mask_ratio, gen,
                                         self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             loss = self.model(lms, text, mask.ids_keep, mask.ids_masked)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip, foreach=True)
+        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip, foreach=True)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         decay = m2d.ema_decay_start + (m2d.ema_decay_end - m2d.ema_decay_start) * min(step, self.total - 1) / max(
@@ -337,10 +337,11 @@ def main(argv: list[str] | None = None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     total = check + warmup + 1 + steps
-    train_cfg = stage_preset("stage1", "paper").replace(
-        model_preset=p.model, global_batch=batch, nproc_per_node=1, precision=p.precision, compile=args.compile,
-        **({} if args.zero_stage is None else {"zero_stage": args.zero_stage}))
-    model_cfg = M2D2Config.preset(p.model)
+    topology = {"nproc_per_node": 1, "precision": p.precision, "compile": args.compile,
+                **({} if args.zero_stage is None else {"zero_stage": args.zero_stage})}
+    train_cfg = presets.stage_config("stage1", "paper").replace(model=p.model, schedule={"global_batch": batch},
+                                                                topology=topology)
+    model_cfg = presets.model_config(p.model)
     model_cfg.norm_mean, model_cfg.norm_std = -7.0, 4.0
     versions_now = versions()
     print(f"stage-1 step on {device} ({versions_now.get('gpu', versions_now.get('cpu'))}), preset {name}: model "
@@ -384,7 +385,7 @@ def main(argv: list[str] | None = None) -> dict:
         "date": time.strftime("%Y-%m-%d"), "preset": name, "device": str(device), "versions": versions_now,
         "batch": batch, "model": p.model, "frames": model_cfg.encoder.input_frames,
         "mask_ratio": model_cfg.m2d.mask_ratio, "project_precision": p.precision, "compile": args.compile,
-        "compiled_blocks": trainer.compiled_blocks, "zero_stage": train_cfg.zero_stage,
+        "compiled_blocks": trainer.compiled_blocks, "zero_stage": train_cfg.topology.zero_stage,
         "deepspeed_optimizer": type(trainer.optimizer).__name__,
         "gemm_ceiling_tflops": ceiling, "gemm_ceiling_kind": ceiling_kind, "gflop_per_sample": flops / 1e9,
         "speedup": proj["samples_per_s"] / ref["samples_per_s"], "max_rel_loss_diff": max(rel),

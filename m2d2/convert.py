@@ -6,7 +6,7 @@ pipeline trains. Three rules:
 
 * the config comes from the tensors' shapes, or is passed in and checked against them; never from a path;
 * ``pos_embed`` is always the checkpoint's own table: the 1001-frame releases hold a time-stretched 38-column
-  sin-cos table, up to ~2.0 away from sin-cos evaluated on 62 columns (fact sheet 1.3);
+  sin-cos table, up to ~2.0 away from sin-cos evaluated on 62 columns (nttcslab/m2d's released weights);
 * files are read without running pickled code (``torch.load(weights_only=True)``, or safetensors); a file that
   is damaged or would need code to load fails with one :class:`CheckpointFormatError` naming it. The readers
   (:func:`read_safetensors`, :func:`torch_load_weights`) are shared with exports and training checkpoints.
@@ -122,7 +122,8 @@ def _shape(state: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
     return tuple(state[key].shape)
 
 
-#: (time patch width, grid columns) -> the crop length the reference trained at (fact sheet 1.3).
+#: (time patch width, grid columns) -> the crop length the reference trained at (its released 80x608 and
+#: 80x1001 weights, nttcslab/m2d).
 RELEASED_CROPS: dict[tuple[int, int], int] = {(16, 38): 608, (16, 62): 1001}
 
 
@@ -322,7 +323,9 @@ def convert_checkpoint(
 def _config_arg(value: str) -> M2D2Config:
     """A preset name, or a JSON file with an M2D2 config (bare, or a ``config.json`` of ``save_pretrained``)."""
     if not value.endswith(".json") and not Path(value).exists():
-        return M2D2Config.preset(value)
+        from m2d2.presets import model_config
+
+        return model_config(value)
     data = json.loads(Path(value).read_text())
     return M2D2Config.from_dict(data["config"] if "format" in data else data)
 

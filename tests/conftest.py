@@ -111,10 +111,11 @@ def tiny() -> M2D2Config:
 @pytest.fixture(scope="session")
 def smoke_data(tmp_path_factory):
     """The smoke preset's corpus, log-mel store and caption cache, built once per test session."""
-    from m2d2.pipeline import PipelineConfig, build_caption_cache, build_corpus, build_features
+    from m2d2.pipeline import build_caption_cache, build_corpus, build_features
+    from m2d2.presets import pipeline_config
 
     root = tmp_path_factory.mktemp("smoke-data")
-    cfg = PipelineConfig.from_preset("smoke", data_root=str(root))
+    cfg = pipeline_config("smoke", data_root=str(root))
     corpus = build_corpus(cfg)
     features, _ = build_features(cfg, corpus)
     captions, _ = build_caption_cache(cfg, corpus)

@@ -1,6 +1,6 @@
 """Import of reference checkpoints: synthetic weights in the four reference layouts, checked against an
-independent forward pass that reads the reference key names straight into timm blocks (fact sheet 1.3, 2.1,
-2.8, 2.9), not through the converter's key mapping."""
+independent forward pass that reads the reference key names (nttcslab/m2d's model and runtime code) straight into
+timm blocks, not through the converter's key mapping."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def stretched_pos_embed(dim: int, grid_t: int) -> torch.Tensor:
 
 
 def encoder_weights(grid_t: int, seed: int = 0, norm_stats: bool = True) -> dict[str, torch.Tensor]:
-    """A bare reference encoder state dict (``*_enconly`` layout), fact sheet 2.9."""
+    """A bare reference encoder state dict (``*_enconly`` layout, as nttcslab/m2d util/to_encoder_only_weight.py)."""
     g = torch.Generator().manual_seed(seed)
     sd = {
         "cls_token": rnd(g, 1, 1, D, scale=0.02),
@@ -123,7 +123,7 @@ def bert_weights(seed: int = 3) -> dict[str, torch.Tensor]:
 
 
 def reference_checkpoint(layout: str, grid_t: int) -> object:
-    """The object the reference code would have saved, in the layouts of fact sheet 2.9."""
+    """The object the reference code would have saved, in its checkpoint layouts."""
     enc = encoder_weights(grid_t)
     if layout == "encoder":
         return enc
@@ -200,7 +200,7 @@ def ref_encode(sd: dict, cls: torch.Tensor, tokens: torch.Tensor) -> torch.Tenso
 
 
 def ref_chunks(sd: dict, lms: torch.Tensor, unit: int) -> list[torch.Tensor]:
-    """Reference inference (fact sheet 1.3): normalise, pad so that ``T mod unit`` is a multiple of 16, split
+    """Reference inference (nttcslab/m2d m2d/runtime_audio.py): normalise, pad so that ``T mod unit`` is a multiple of 16, split
     into chunks of ``unit`` frames (frames beyond a chunk's last whole patch are dropped); patch tokens per chunk."""
     x = (lms - sd["norm_stats"][0]) / sd["norm_stats"][1]
     x = F.pad(x, (0, -(x.shape[-1] % unit) % PATCH))

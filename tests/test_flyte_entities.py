@@ -107,7 +107,7 @@ def test_launch_plans_paper_and_scheduled_retraining(package):
     for spec in (paper, scheduled):
         binary = spec["defaultInputs"]["parameters"]["cfg"]["default"]["scalar"]["binary"]
         cfg = msgpack.unpackb(base64.b64decode(binary["value"]))  # the PipelineConfig default, as Flyte stores it
-        assert cfg["preset"] == "paper" and cfg["stage11"]["optimizer"] == "lars"
+        assert cfg["preset"] == "paper" and cfg["stage11"]["optim"]["name"] == "lars"
         assert cfg["corpus_source"] == "s3://bucket/corpus/latest"  # the newest snapshot, resolved at run time
 
 
@@ -163,8 +163,8 @@ def test_every_registered_stage_has_its_flyte_task_and_the_workflow_walks_the_re
 
 
 def test_data_root_must_be_a_path_every_task_sees():
-    from m2d2.pipeline import PipelineConfig
+    from m2d2.presets import pipeline_config
 
     with pytest.raises(ValueError, match="shared volume the PodTemplates mount at /data"):
-        PipelineConfig.from_preset("paper", data_root="s3://bucket/m2d2/runs")
-    assert PipelineConfig.from_preset("paper", data_root="/data/m2d2/runs").caption_shards == 16
+        pipeline_config("paper", data_root="s3://bucket/m2d2/runs")
+    assert pipeline_config("paper", data_root="/data/m2d2/runs").caption_shards == 16

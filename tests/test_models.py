@@ -20,6 +20,7 @@ from m2d2.models import (
     random_unstructured_mask,
 )
 from m2d2.models.pos_embed import sincos_1d, sincos_2d
+from m2d2.presets import model_config
 
 
 def n_params(module: torch.nn.Module) -> int:
@@ -29,7 +30,7 @@ def n_params(module: torch.nn.Module) -> int:
 @pytest.fixture(scope="module")
 def paper_model() -> M2D2:
     torch.manual_seed(0)
-    return M2D2(M2D2Config.preset("paper")).eval()
+    return M2D2(model_config("paper")).eval()
 
 
 # ----------------------------------------------------------------------------- paper preset facts
@@ -73,18 +74,18 @@ def test_paper_ten_seconds_gives_63_frames(paper_model):
 
 
 def test_demo_preset_matches_minilm():
-    cfg = M2D2Config.preset("demo")
+    cfg = model_config("demo")
     assert cfg.clap_dim == cfg.text.offline.dim == 384
     assert cfg.encoder.input_frames < 608
-    with pytest.raises(ValueError, match="unknown M2D2 preset"):
-        M2D2Config.preset("huge")
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        model_config("huge")
 
 
 def test_config_round_trip():
-    cfg = M2D2Config.preset("paper")
+    cfg = model_config("paper")
     again = M2D2Config.from_dict(cfg.to_dict())
     assert again == cfg and isinstance(again.encoder.patch_size, tuple)
-    with pytest.raises(ValueError, match="unknown EncoderConfig fields"):
+    with pytest.raises(ValueError, match="encoder.widht: unknown key; known: n_mels, input_frames"):
         M2D2Config.from_dict({"encoder": {"widht": 3}})
 
 
@@ -384,7 +385,7 @@ def test_from_pretrained_rejects_incomplete_export(tmp_path):
 def test_offline_text_strings_use_the_configured_sentence_encoder():
     from m2d2.text import OfflineTextEncoder
 
-    cfg = M2D2Config.preset("demo")
+    cfg = model_config("demo")
     cfg.encoder.depth = 1
     model = M2D2(cfg, with_m2d=False).eval()
     captions = ["a dog barks", "a dog is barking loudly", "soft rain falls on a tin roof"]

@@ -17,7 +17,7 @@ import pytest
 from conftest import subprocess_env
 from mlflow import MlflowClient
 
-from m2d2.pipeline import PipelineConfig
+from m2d2.presets import pipeline_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PYFLYTE = Path(sys.executable).with_name("pyflyte")
@@ -32,7 +32,7 @@ def _run_pipeline(cfg_file: Path, env: dict[str, str], cwd: Path) -> subprocess.
 
 @pytest.mark.slow
 def test_smoke_pipeline_runs_twice_and_tracks_everything(tmp_path):
-    cfg = PipelineConfig.from_preset("smoke", data_root=str(tmp_path / "data"), experiment="m2d2-smoke")
+    cfg = pipeline_config("smoke", data_root=str(tmp_path / "data"), experiment="m2d2-smoke")
     cfg_file = tmp_path / "smoke.json"
     cfg_file.write_text(json.dumps(dataclasses.asdict(cfg)))
     db = tmp_path / "mlflow.db"

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from m2d2.pipeline import STAGES, PipelineConfig, registry, run
+from m2d2.pipeline import STAGES, registry, run
 from m2d2.pipeline.registry import Stage
+from m2d2.presets import pipeline_config
 
 GOLDEN = Path(__file__).parent / "golden" / "smoke_exports.json"
 
@@ -57,7 +58,7 @@ def _digests(result) -> dict[str, str]:
 @pytest.mark.slow
 def test_smoke_pipeline_in_process_matches_golden_and_reruns_only_what_changed(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    cfg = PipelineConfig.from_preset("smoke", data_root=str(tmp_path / "data"), experiment="runner")
+    cfg = pipeline_config("smoke", data_root=str(tmp_path / "data"), experiment="runner")
     first = run(cfg)
     digests = _digests(first)
     if os.environ.get("M2D2_UPDATE_GOLDEN") == "1":

@@ -49,8 +49,8 @@ def test_killed_and_resumed_run_is_bitwise_identical(tmp_path, smoke_data, nproc
     """Two processes run under ZeRO-2: each rank's optimiser partition comes back from its own file. bf16 is the GPU
     path (DeepSpeed's bf16 weights with fp32 masters, fp32 EMA target), run here on CPU."""
     _, features, captions = smoke_data
-    overrides = {"max_steps": 6, "checkpoint_every": 2, "global_batch": 4, "log_every": 1, "zero_stage": zero_stage,
-                 "precision": precision}
+    overrides = {"schedule": {"max_steps": 6, "global_batch": 4}, "checkpoint": {"every": 2}, "log_every": 1,
+                 "topology": {"zero_stage": zero_stage, "precision": precision}}
     straight = _train("stage1", features, captions, tmp_path / "straight", overrides, nproc)
     assert straight.returncode == 0, straight.stderr[-3000:]
     crashed = _train("stage1", features, captions, tmp_path / "resumed", overrides, nproc, fault_at=3)
@@ -84,15 +84,16 @@ def test_stage2_and_stage11_resume_is_bitwise_identical(tmp_path, smoke_data, st
     """Stage 2 (text encoder dropout) and stage 1.1 (mixup, SpecAugment, patch-out, BatchNorm statistics)."""
     _, features, _ = smoke_data
     from m2d2.data.features import load_norm_stats
-    from m2d2.models import M2D2, M2D2Config
+    from m2d2.models import M2D2
+    from m2d2.presets import model_config
 
     torch.manual_seed(0)  # an untrained stage-1 export is enough to exercise stage 2's resume
-    model = M2D2(M2D2Config.preset("smoke"), with_m2d=False)
+    model = M2D2(model_config("smoke"), with_m2d=False)
     stats = load_norm_stats(features)
     model.set_norm_stats(stats.mean, stats.std)
     stage1 = tmp_path / "s1"
     model.save_pretrained(str(stage1))
-    overrides = {"max_steps": 4, "checkpoint_every": 1, "global_batch": 4}
+    overrides = {"schedule": {"max_steps": 4, "global_batch": 4}, "checkpoint": {"every": 1}}
     straight = _train(stage, features, stage1, tmp_path / "straight", overrides)
     assert straight.returncode == 0, straight.stderr[-3000:]
     crashed = _train(stage, features, stage1, tmp_path / "resumed", overrides, fault_at=2)

@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 
 from m2d2.data.features import LogMelStore, load_norm_stats
 from m2d2.data.loader import select_clips
-from m2d2.models import M2D2, M2D2Config
-from m2d2.train.config import stage_preset
+from m2d2.models import M2D2
+from m2d2.presets import model_config, stage_config
+from m2d2.train.config import TrainStageConfig
 from m2d2.train.finetune import resample_pos_embed
 
 
@@ -24,13 +25,13 @@ def chain(smoke_data, tmp_path_factory):
     _, features, _ = smoke_data
     root = tmp_path_factory.mktemp("chain")
     torch.manual_seed(0)
-    stage1 = M2D2(M2D2Config.preset("smoke"), with_m2d=False)
+    stage1 = M2D2(model_config("smoke"), with_m2d=False)
     stats = load_norm_stats(features)
     stage1.set_norm_stats(stats.mean, stats.std)
     stage1.save_pretrained(str(root / "s1"))
-    s11 = run_stage11(stage_preset("stage1.1", "smoke"), str(features), str(root / "s1"), str(root / "s11"))
-    s2 = run_stage2(stage_preset("stage2", "smoke"), str(features), s11.export_dir, str(root / "s2"))
-    s21 = run_stage21(stage_preset("stage2.1", "smoke"), str(features), s2.export_dir, str(root / "s21"))
+    s11 = run_stage11(stage_config("stage1.1", "smoke"), str(features), str(root / "s1"), str(root / "s11"))
+    s2 = run_stage2(stage_config("stage2", "smoke"), str(features), s11.export_dir, str(root / "s2"))
+    s21 = run_stage21(stage_config("stage2.1", "smoke"), str(features), s2.export_dir, str(root / "s21"))
     return {"root": root, "s1": str(root / "s1"), "s11": s11, "s2": s2, "s21": s21, "features": features}
 
 
@@ -40,10 +41,10 @@ def _weights(export: str) -> dict[str, torch.Tensor]:
 
 def test_stage11_grows_the_encoder_fine_tunes_it_and_exports_a_tagger(chain):
     s1, s11 = _weights(chain["s1"]), _weights(chain["s11"].export_dir)
-    cfg = stage_preset("stage1.1", "smoke")
+    cfg = stage_config("stage1.1", "smoke")
     model = M2D2.from_pretrained(chain["s11"].export_dir)
-    assert model.config.encoder.input_frames == cfg.crop_frames == 96
-    grid_f, old_t = M2D2(M2D2Config.preset("smoke"), with_m2d=False).encoder.grid
+    assert model.config.encoder.input_frames == cfg.data.crop_frames == 96
+    grid_f, old_t = M2D2(model_config("smoke"), with_m2d=False).encoder.grid
     # The positional table is resampled (bicubic, not recomputed) and never trained.
     expected = resample_pos_embed(s1["encoder.pos_embed"], grid_f, old_t, 96 // 16)
     assert torch.equal(s11["encoder.pos_embed"], expected)
@@ -79,27 +80,32 @@ def test_stage21_trains_on_the_curated_subset_only(chain, caplog):
     assert select_clips(store, sources=["demo"]) == list(range(len(store)))
     with pytest.raises(ValueError, match="no 'train' clip matches"):
         select_clips(store, sources=["audiocaps"])
-    assert stage_preset("stage2.1", "paper").sources == ["wavcaps", "audiocaps", "clotho"]
-    assert stage_preset("stage2.1", "paper").mask_ratio == 0.0
+    assert stage_config("stage2.1", "paper").data.sources == ["wavcaps", "audiocaps", "clotho"]
+    assert stage_config("stage2.1", "paper").augment.mask_ratio == 0.0
 
 
 def test_a_config_of_another_stage_is_refused(chain):
     from m2d2.train.stages import run_stage11
 
     with pytest.raises(ValueError, match="'stage2' config was given to stage1.1"):
-        run_stage11(stage_preset("stage2", "smoke"), str(chain["features"]), chain["s1"], str(chain["root"] / "x"))
-    with pytest.raises(ValueError, match="unknown stage"):
-        stage_preset("stage1", "smoke").replace(stage="stage3")
+        run_stage11(stage_config("stage2", "smoke"), str(chain["features"]), chain["s1"], str(chain["root"] / "x"))
+    with pytest.raises(ValueError, match="stage: 'stage3' is not one of 'stage1', 'stage1.1'"):
+        stage_config("stage1", "smoke").replace(stage="stage3")
+    with pytest.raises(ValueError, match="unknown stage 'stage3'"):
+        TrainStageConfig(stage="stage3")
 
 
 def test_paper_presets_match_the_paper():
-    s1, s11, s2 = (stage_preset(s, "paper") for s in ("stage1", "stage1.1", "stage2"))
-    assert (s1.epochs, s1.warmup_epochs, s1.global_batch, s1.lr) == (300, 20, 2048, pytest.approx(3e-4 * 8))
-    assert (s11.optimizer, s11.lr, s11.global_batch, s11.mixup_alpha) == ("lars", 2.0, 64, 0.5)
-    assert (s11.freq_mask, s11.time_mask, s11.patch_out, s11.crop_frames) == (30, 192, 0.5, 1001)
-    assert s11.balanced_sampling and s11.samples_per_epoch == 200_000
-    assert (s2.epochs, s2.warmup_epochs, s2.lr, s2.crop_frames) == (30, 5, pytest.approx(3e-6 * 8), 1001)
-    paper = M2D2Config.preset("paper")
+    s1, s11, s2 = (stage_config(s, "paper") for s in ("stage1", "stage1.1", "stage2"))
+    assert (s1.schedule.epochs, s1.schedule.warmup_epochs, s1.schedule.global_batch, s1.lr) == (
+        300, 20, 2048, pytest.approx(3e-4 * 8))
+    assert (s11.optim.name, s11.lr, s11.schedule.global_batch, s11.augment.mixup_alpha) == ("lars", 2.0, 64, 0.5)
+    assert (s11.augment.freq_mask, s11.augment.time_mask, s11.augment.patch_out, s11.data.crop_frames) == (
+        30, 192, 0.5, 1001)
+    assert s11.data.balanced_sampling and s11.data.samples_per_epoch == 200_000
+    assert (s2.schedule.epochs, s2.schedule.warmup_epochs, s2.lr, s2.data.crop_frames) == (
+        30, 5, pytest.approx(3e-6 * 8), 1001)
+    paper = model_config("paper")
     assert paper.clap.stage2_mask_ratio == 0.3 and paper.m2d.ema_decay_start == 0.99995
     assert (paper.clap.lambda_m2d, paper.clap.lambda_clap) == (1.0, 0.01)
 
@@ -107,6 +113,6 @@ def test_paper_presets_match_the_paper():
 def test_stage2_without_stage11_cannot_crop_beyond_the_encoder(chain):
     from m2d2.train.stages import run_stage2
 
-    cfg = stage_preset("stage2", "smoke").replace(crop_frames=96)  # the stage-1 encoder takes 64 frames
+    cfg = stage_config("stage2", "smoke").replace(data={"crop_frames": 96})  # the stage-1 encoder takes 64 frames
     with pytest.raises(ValueError, match="exceed the encoder's 64"):
         run_stage2(cfg, str(chain["features"]), chain["s1"], str(chain["root"] / "no-s11"))

@@ -14,8 +14,10 @@ import pytest
 import torch
 from conftest import subprocess_env
 
-from m2d2.models import M2D2, M2D2Config
-from m2d2.train.config import TrainStageConfig, stage_preset
+from m2d2.config import from_dict, to_dict
+from m2d2.models import M2D2
+from m2d2.presets import model_config, stage_config
+from m2d2.train.config import TrainStageConfig
 from m2d2.train.engine import deepspeed_config, lr_at
 from m2d2.train.objectives import decay_groups
 
@@ -47,7 +49,7 @@ def test_parameter_groups_decay_only_matrices(tiny):
 def test_deepspeed_config_validates_offline():
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    cfg = stage_preset("stage1", "paper")
+    cfg = stage_config("stage1", "paper")
     ds = deepspeed_config(cfg, world=4, device=torch.device("cuda"))
     assert ds["train_micro_batch_size_per_gpu"] == 512 and ds["bf16"]["enabled"] and ds["gradient_clipping"] == 3.0
     assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * 4
@@ -59,12 +61,14 @@ def test_deepspeed_config_validates_offline():
 
 
 def test_paper_stage_presets_match_the_paper():
-    s1, s2 = stage_preset("stage1", "paper"), stage_preset("stage2", "paper")
-    assert (s1.epochs, s1.warmup_epochs, s1.global_batch) == (300, 20, 2048)
-    assert s1.lr == pytest.approx(3e-4 * 2048 / 256) and (s1.beta1, s1.beta2, s1.weight_decay) == (0.9, 0.95, 0.05)
-    assert (s2.epochs, s2.warmup_epochs, s2.global_batch, s2.crop_frames) == (30, 5, 2048, 1001)
-    assert s2.lr == pytest.approx(3e-6 * 2048 / 256) and s1.grad_clip == s2.grad_clip == 3.0
-    model = M2D2Config.preset("paper")
+    s1, s2 = stage_config("stage1", "paper"), stage_config("stage2", "paper")
+    assert (s1.schedule.epochs, s1.schedule.warmup_epochs, s1.schedule.global_batch) == (300, 20, 2048)
+    assert s1.lr == pytest.approx(3e-4 * 2048 / 256)
+    assert (s1.optim.beta1, s1.optim.beta2, s1.optim.weight_decay) == (0.9, 0.95, 0.05)
+    assert (s2.schedule.epochs, s2.schedule.warmup_epochs, s2.schedule.global_batch, s2.data.crop_frames) == (
+        30, 5, 2048, 1001)
+    assert s2.lr == pytest.approx(3e-6 * 2048 / 256) and s1.optim.grad_clip == s2.optim.grad_clip == 3.0
+    model = model_config("paper")
     assert (model.m2d.mask_ratio, model.m2d.ema_decay_start, model.m2d.ema_decay_end) == (0.7, 0.99995, 0.99999)
     assert (model.clap.lambda_m2d, model.clap.lambda_clap, model.clap.stage2_mask_ratio) == (1.0, 0.01, 0.3)
     assert model.clap.stage2_logit_scale_init == pytest.approx(math.log(100))
@@ -75,7 +79,8 @@ def test_single_process_stage1_learns_and_exports(tmp_path, smoke_data):
     from m2d2.train.stages import run_stage1
 
     cfg, features, captions = smoke_data
-    stage = cfg.stage1.replace(max_steps=12, global_batch=4, base_lr=2e-3, warmup_epochs=0.0, log_every=1)
+    stage = cfg.stage1.replace(schedule={"max_steps": 12, "global_batch": 4, "warmup_epochs": 0.0},
+                               optim={"base_lr": 2e-3}, log_every=1)
     out = run_stage1(stage, str(features), str(captions), str(tmp_path / "s1"))
     assert out.steps == 12 and out.final["ema_decay"] > 0.99
     model = M2D2.from_pretrained(out.export_dir)
@@ -96,17 +101,16 @@ def test_two_process_elastic_deepspeed_stage1(tmp_path, smoke_data):
     """The Flyte Elastic task of stage 1 with nproc_per_node=2: two gloo ranks under DeepSpeed."""
     cfg, features, captions = smoke_data
     cfg = dataclasses.replace(cfg, data_root=str(tmp_path / "data"),
-                              stage1=cfg.stage1.replace(global_batch=4, max_steps=2))
+                              stage1=cfg.stage1.replace(schedule={"global_batch": 4, "max_steps": 2}))
     script = f"""
 import json, sys
-from m2d2.pipeline import STAGE_FIELDS, PipelineConfig
-from m2d2.train.config import TrainStageConfig
+from m2d2.config import from_dict
+from m2d2.pipeline import PipelineConfig
 from workflows.full import Artifact, stage1, _out
 from m2d2.pipeline import workspace_token
 from m2d2.tracking import start_pipeline_run
 raw = json.loads(sys.argv[1])
-cfg = PipelineConfig(**{{**raw, "corpus": PipelineConfig().corpus,
-                        **{{f: TrainStageConfig(**raw[f]) for f in STAGE_FIELDS}}}})
+cfg = from_dict(PipelineConfig, raw)
 parent = start_pipeline_run("elastic-test")
 result = stage1(cfg=cfg, workspace=workspace_token(cfg.data_root), features=Artifact(path=_out({str(features)!r}), mlflow_run_id=""),
                 captions=Artifact(path=_out({str(captions.parent)!r}), mlflow_run_id=""), parent_run_id=parent)
@@ -128,8 +132,18 @@ print("RESULT", json.dumps({{"steps": result.steps, "model": str(result.model.pa
 
 
 def test_stage_config_is_a_plain_dataclass():
+    """Sections of scalars, None and lists of strings only: what a Flyte input and a JSON/YAML file hold."""
     cfg = TrainStageConfig()
-    assert all(isinstance(getattr(cfg, f.name), int | float | str) for f in dataclasses.fields(cfg))
+
+    def leaves(data):
+        for value in data.values():
+            yield from leaves(value) if isinstance(value, dict) else [value]
+
+    assert all(isinstance(v, int | float | str | None) or (isinstance(v, list) and all(isinstance(s, str) for s in v))
+               for v in leaves(to_dict(cfg)))
+    sections = [f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))]
+    assert sections == ["data", "optim", "schedule", "augment", "topology", "checkpoint"]
+    assert from_dict(TrainStageConfig, to_dict(cfg)) == cfg
 
 
 class _PoisonedCrops(torch.utils.data.Dataset):
@@ -161,10 +175,11 @@ def _nan_run(tmp_path, smoke_data, poisoned, max_nonfinite):
 
     _, features, captions = smoke_data
     torch.manual_seed(0)
-    model = M2D2(M2D2Config.preset("smoke"))
+    model = M2D2(model_config("smoke"))
     model.set_stage("stage1")
     base = CropDataset(LogMelStore(features, "train"), 64, CaptionEmbeddings(captions))
-    cfg = stage_preset("stage1", "smoke").replace(max_steps=6, global_batch=4, max_nonfinite=max_nonfinite)
+    cfg = stage_config("stage1", "smoke").replace(schedule={"max_steps": 6, "global_batch": 4},
+                                                  checkpoint={"max_nonfinite": max_nonfinite})
     return model, train(cfg, ClapObjective(model), _PoisonedCrops(base, poisoned), tmp_path / "out")
 
 
@@ -189,11 +204,11 @@ def test_bf16_training_keeps_the_ema_target_fp32_and_lets_deepspeed_skip_non_fin
     from m2d2.train.objectives import ClapObjective
 
     torch.manual_seed(0)
-    model_cfg = M2D2Config.preset("smoke")
+    model_cfg = model_config("smoke")
     model_cfg.m2d.ema_decay_start, model_cfg.m2d.ema_decay_end = 0.99995, 0.99999  # the paper's
     model = M2D2(model_cfg)
     model.set_stage("stage1")
-    cfg = stage_preset("stage1", "smoke").replace(global_batch=4, precision="bf16")
+    cfg = stage_config("stage1", "smoke").replace(schedule={"global_batch": 4}, topology={"precision": "bf16"})
     trainer = Trainer(cfg, ClapObjective(model), total_steps=4, warmup_steps=0)
     assert not trainer.check_loss  # DeepSpeed's low-precision wrapper checks the gradients itself
     assert model.encoder.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
@@ -236,13 +251,16 @@ def test_regional_compile_policy_and_state_dict_keys():
     step itself is measured against eager by ``benchmarks/stage1_throughput.py --compile on`` (minutes on CPU)."""
     from m2d2.train.engine import compile_blocks, use_compile
 
-    cfg = stage_preset("stage1", "smoke")
+    cfg = stage_config("stage1", "smoke")
     assert use_compile(cfg, torch.device("cuda")) and not use_compile(cfg, torch.device("cpu"))
-    assert use_compile(cfg.replace(compile="on"), torch.device("cpu"))
-    assert not use_compile(cfg.replace(compile="off"), torch.device("cuda"))
+    assert use_compile(cfg.replace(topology={"compile": "on"}), torch.device("cpu"))
+    assert not use_compile(cfg.replace(topology={"compile": "off"}), torch.device("cuda"))
+    with pytest.raises(ValueError, match="topology.compile: 'yes' is not one of 'auto', 'on', 'off'"):
+        cfg.replace(topology={"compile": "yes"})
+    cfg.topology.compile = "yes"  # set after validation: the engine still refuses it
     with pytest.raises(ValueError, match="compile="):
-        use_compile(cfg.replace(compile="yes"), torch.device("cpu"))
-    model = M2D2(M2D2Config.preset("smoke"))
+        use_compile(cfg, torch.device("cpu"))
+    model = M2D2(model_config("smoke"))
     keys = list(model.state_dict())
     c = model.config
     assert compile_blocks(model) == c.encoder.depth * 2 + c.predictor.depth + c.projector.depth
@@ -255,12 +273,13 @@ def test_bf16_export_keeps_frozen_parameters_unrounded():
     from m2d2.train.objectives import ClapObjective
 
     torch.manual_seed(0)
-    model = M2D2(M2D2Config.preset("smoke"))
+    model = M2D2(model_config("smoke"))
     model.set_stage("stage1")
     model.audio_proj.requires_grad_(False)
     frozen = {n: p.detach().clone() for n, p in model.audio_proj.named_parameters()}
     assert any(not torch.equal(v, v.bfloat16().float()) for v in frozen.values())
-    trainer = Trainer(stage_preset("stage1", "smoke").replace(global_batch=4, precision="bf16"),
+    trainer = Trainer(stage_config("stage1", "smoke").replace(schedule={"global_batch": 4},
+                                                              topology={"precision": "bf16"}),
                       ClapObjective(model), total_steps=1, warmup_steps=0)
     assert model.audio_proj.norm.weight.dtype == torch.bfloat16
     trainer.step(0, torch.randn(4, 80, 64) * 3 - 5, torch.randn(4, model.config.text.offline.dim))

@@ -43,10 +43,16 @@ TRAIN_ENV = {**{"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
 
 
 def topology(stage: str) -> tuple[int, int]:
-    """``(nnodes, nproc_per_node)`` of ``stage``'s training task (see the comment above)."""
-    from m2d2.train.config import stage_preset
+    """``(nnodes, nproc_per_node)`` of ``stage``'s training task, fixed when the task is defined (registration).
 
-    preset = stage_preset(stage, TOPOLOGY)
+    The one mechanism: the ``topology`` section of the stage's config under the preset named by ``M2D2_TOPOLOGY``
+    (``m2d2.presets.stage_config(stage, TOPOLOGY).topology``; ``demo``: 1 process, ``paper``: the paper's GPUs per
+    stage); ``M2D2_NNODES`` / ``M2D2_NPROC_PER_NODE`` override every stage. ``_training_task`` puts the resolved
+    values into the task's environment, so the pod that re-imports this module resolves the same topology.
+    """
+    from m2d2.presets import stage_config
+
+    preset = stage_config(stage, TOPOLOGY).topology
     return (int(os.environ.get("M2D2_NNODES", preset.nnodes)),
             int(os.environ.get("M2D2_NPROC_PER_NODE", preset.nproc_per_node)))
 

@@ -27,6 +27,7 @@ import os
 from flytekit import CronSchedule, Email, LaunchPlan, Slack, WorkflowExecutionPhase
 
 from m2d2.pipeline import LATEST, PipelineConfig
+from m2d2.presets import pipeline_config
 from workflows.full import full
 
 DATA_ROOT = os.environ.get("M2D2_DATA_ROOT", "/data/m2d2/runs")  # the shared volume of the PodTemplates
@@ -53,8 +54,8 @@ REMOTE_CODE_SHA256 = os.environ.get("M2D2_REMOTE_CODE_SHA256", "")
 
 
 def paper_config(**changes) -> PipelineConfig:
-    cfg = PipelineConfig.from_preset("paper", data_root=DATA_ROOT, corpus_source=f"{SNAPSHOTS}/{LATEST}",
-                                     trust_remote_code=True, remote_code_sha256=REMOTE_CODE_SHA256)
+    cfg = pipeline_config("paper", data_root=DATA_ROOT, corpus_source=f"{SNAPSHOTS}/{LATEST}",
+                          trust_remote_code=True, remote_code_sha256=REMOTE_CODE_SHA256)
     return dataclasses.replace(cfg, **changes)
 
 

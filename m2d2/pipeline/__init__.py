@@ -1,6 +1,6 @@
 """The pipeline as typed plain Python: what each Flyte task of ``workflows/full.py`` calls.
 
-- :mod:`m2d2.pipeline.config`: :class:`PipelineConfig` and its presets;
+- :mod:`m2d2.pipeline.config`: :class:`PipelineConfig` (its presets: :mod:`m2d2.presets`);
 - :mod:`m2d2.pipeline.workspace`: the data root, its workspace id and content-keyed step directories;
 - :mod:`m2d2.pipeline.data`: corpus, log-mel store and caption vectors (plan -> shards -> finish);
 - :mod:`m2d2.pipeline.evaluation`: CLAP metrics of every stage against baselines, and the report;

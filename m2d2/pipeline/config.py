@@ -1,13 +1,18 @@
-"""The pipeline's configuration: one execution's corpus, stages, storage and evaluation settings, with presets."""
+"""The pipeline's configuration: one execution's corpus, stages, storage and evaluation settings.
+
+Named settings (``demo``, the default; ``smoke``; ``paper``): :func:`m2d2.presets.pipeline_config`. Files:
+:func:`m2d2.config.load` / :func:`m2d2.config.dumps` (strict JSON/YAML; also what ``pyflyte run --cfg`` uses).
+"""
 
 from __future__ import annotations
 
-import dataclasses
+import json
 from dataclasses import dataclass, field
-from typing import Any
 
 from m2d2 import io
-from m2d2.train.config import TrainStageConfig, stage_preset
+from m2d2.config import from_dict
+from m2d2.presets import PRESETS, stage_config
+from m2d2.train.config import TrainStageConfig
 
 PROMPT_TEMPLATE = "{} can be heard"
 CAPTION_BATCH = 64  # captions per embedding batch (plan_shards' default)
@@ -25,9 +30,10 @@ class CorpusSettings:
 
 @dataclass
 class PipelineConfig:
-    """One pipeline execution: corpus, model/stage presets, where data goes, evaluation settings."""
+    """One pipeline execution: corpus, training stages, where data goes, evaluation settings (a Flyte workflow
+    input: dataclasses, scalars, ``Literal``, lists and ``X | None`` only)."""
 
-    preset: str = "demo"
+    preset: str = "demo"  # the preset these settings started from (a tag on the MLflow run)
     data_root: str = "runs"
     # "" = generate the demo corpus; else a directory (local or s3://) holding manifest.parquet with audio paths
     # relative to it, or "<prefix>/latest": the newest snapshot directory under <prefix> (names sort by date).
@@ -49,10 +55,10 @@ class PipelineConfig:
     trust_remote_code: bool = False
     remote_code_sha256: str = ""
     corpus: CorpusSettings = field(default_factory=CorpusSettings)
-    stage1: TrainStageConfig = field(default_factory=lambda: stage_preset("stage1", "demo"))
-    stage11: TrainStageConfig = field(default_factory=lambda: stage_preset("stage1.1", "demo"))
-    stage2: TrainStageConfig = field(default_factory=lambda: stage_preset("stage2", "demo"))
-    stage21: TrainStageConfig = field(default_factory=lambda: stage_preset("stage2.1", "demo"))
+    stage1: TrainStageConfig = field(default_factory=lambda: stage_config("stage1", "demo"))
+    stage11: TrainStageConfig = field(default_factory=lambda: stage_config("stage1.1", "demo"))
+    stage2: TrainStageConfig = field(default_factory=lambda: stage_config("stage2", "demo"))
+    stage21: TrainStageConfig = field(default_factory=lambda: stage_config("stage2.1", "demo"))
 
     def __post_init__(self) -> None:
         if not io.is_local(self.data_root):
@@ -67,25 +73,18 @@ class PipelineConfig:
         if self.feature_shard_mb <= 0 or self.caption_shards < 1:
             raise ValueError(f"need feature_shard_mb > 0 and caption_shards >= 1, got {self.feature_shard_mb}, "
                              f"{self.caption_shards}")
+        for name, stage in STAGE_FIELDS.items():
+            stage_cfg = getattr(self, name)
+            if stage_cfg.stage != stage:
+                raise ValueError(f"{name} holds a {stage_cfg.stage!r} config; it must be {stage!r}")
+            if stage_cfg.model not in PRESETS:  # caught here, not when the stage starts hours later
+                raise ValueError(f"{name}.model={stage_cfg.model!r}: choose one of {', '.join(PRESETS)}")
 
     @classmethod
-    def from_preset(cls, name: str, **changes: Any) -> PipelineConfig:
-        """``demo`` (the default: minutes on a 2-core CPU), ``smoke`` (seconds per stage, for tests) or ``paper``
-        (the published settings of every stage; give it a ``data_root`` and a ``corpus_source``)."""
-        if name == "demo":
-            cfg = cls()
-        elif name == "paper":
-            # 16 caption shards: ~2.5 M unique captions through a 7-B encoder, one GPU pod per shard
-            cfg = cls(preset="paper", caption_shards=16,
-                      **{f: stage_preset(stage, "paper") for f, stage in STAGE_FIELDS.items()})
-        elif name == "smoke":
-            # small shards, so the feature and caption map tasks have several elements even on the smoke corpus
-            cfg = cls(preset="smoke", baseline_inits=2, norm_samples=200, feature_shard_mb=4.0, caption_shards=2,
-                      corpus=CorpusSettings(train_per_class=2, eval_per_class=20),
-                      **{f: stage_preset(stage, "smoke") for f, stage in STAGE_FIELDS.items()})
-        else:
-            raise ValueError(f"unknown pipeline preset {name!r}; choose 'demo', 'smoke' or 'paper'")
-        return dataclasses.replace(cfg, **changes)
+    def from_json(cls, text: str) -> PipelineConfig:
+        """Strict JSON loading (:func:`m2d2.config.from_dict`). ``pyflyte run ... --cfg FILE`` builds the workflow
+        input with a dataclass's own ``from_json`` when it has one, so a typo in FILE fails there with its key."""
+        return from_dict(cls, json.loads(text))
 
 
 #: PipelineConfig field -> training stage, in pipeline order.

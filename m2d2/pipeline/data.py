@@ -18,9 +18,9 @@ from tqdm import tqdm
 from m2d2 import io
 from m2d2.data.demo import DemoCorpusConfig, generate_demo_corpus
 from m2d2.data.shards import FeatureConfig, build_shard, finish_store, plan_store, read_plan
-from m2d2.models import M2D2Config
 from m2d2.pipeline.config import CAPTION_BATCH, CAPTION_TOKENS_PER_ROW, PipelineConfig
 from m2d2.pipeline.workspace import _tracked, step_dir
+from m2d2.presets import model_config
 from m2d2.shards import ShardRef, plan_of, shard_refs
 
 
@@ -33,7 +33,7 @@ def build_corpus(cfg: PipelineConfig) -> Path:
 
 
 def _feature_config(cfg: PipelineConfig) -> FeatureConfig:
-    crop = cfg.stage1.crop_frames or M2D2Config.preset(cfg.stage1.model_preset).encoder.input_frames
+    crop = cfg.stage1.data.crop_frames or model_config(cfg.stage1.model).encoder.input_frames
     return FeatureConfig(norm_crop_frames=crop, norm_samples=cfg.norm_samples, seed=cfg.corpus.seed,
                          shard_mb=cfg.feature_shard_mb, audio_roots=tuple(cfg.audio_roots))
 
@@ -89,7 +89,7 @@ def plan_captions(cfg: PipelineConfig, corpus_dir: str | Path, workspace: str = 
     from m2d2.text.encoders import RemoteCodePolicy
     from m2d2.text.shards import plan_shards
 
-    text = M2D2Config.preset(cfg.stage1.model_preset).text.offline
+    text = model_config(cfg.stage1.model).text.offline
     out = step_dir(cfg, "captions", text, corpus_dir, cfg.prompt_template) / "captions.parquet"
     manifest = pq.read_table(Path(corpus_dir) / "manifest.parquet", columns=["captions", "labels"]).to_pydict()
     captions = {c for caps in manifest["captions"] for c in caps}

@@ -10,9 +10,10 @@ import torch
 from m2d2.data.features import LogMelStore
 from m2d2.eval.clap import ClapEvalSet, evaluate_clap
 from m2d2.eval.metrics import mean_and_std
-from m2d2.models import M2D2, M2D2Config
+from m2d2.models import M2D2
 from m2d2.pipeline import registry
 from m2d2.pipeline.config import PROMPT_TEMPLATE, PipelineConfig
+from m2d2.presets import model_config
 from m2d2.text.cache import CaptionEmbeddings
 from m2d2.tracking import StageRun
 
@@ -109,7 +110,7 @@ def _baseline(cfg: PipelineConfig, stage: registry.Stage, trained: M2D2, exports
     # Only the fresh projector differs between seeds: the frozen encoder and the untouched pretrained text encoder
     # are the same for every seed, so the text vectors are computed once and each seed re-draws the projector.
     fresh = M2D2.from_pretrained(str(exports[stage.trains_on]))
-    fresh.start_stage2(M2D2Config.preset(getattr(cfg, stage.section).model_preset).text.encoder)
+    fresh.start_stage2(model_config(getattr(cfg, stage.section).model).text.encoder)
     texts = sorted({c for caps in data.captions for c in caps} | set(data.prompts()))
     with torch.inference_mode():
         raw = torch.cat([fresh.text_encoder(texts[i : i + 64]) for i in range(0, len(texts), 64)])

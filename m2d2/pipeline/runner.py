@@ -120,11 +120,11 @@ def features_step(cfg: PipelineConfig, corpus_dir: str, parent_run_id: str | Non
 
 def captions_step(cfg: PipelineConfig, corpus_dir: str, parent_run_id: str | None) -> StepOutput:
     """The caption vectors of the stage-1 text encoder, reused when complete for these settings."""
-    from m2d2.models import M2D2Config
     from m2d2.pipeline.data import build_caption_cache
     from m2d2.pipeline.workspace import step_dir
+    from m2d2.presets import model_config
 
-    text = M2D2Config.preset(cfg.stage1.model_preset).text.offline
+    text = model_config(cfg.stage1.model).text.offline
 
     def make() -> StepOutput:
         path, run_id = build_caption_cache(cfg, corpus_dir, parent_run_id)
@@ -150,7 +150,7 @@ def evaluate_step(cfg: PipelineConfig, features: StepOutput, captions: StepOutpu
 
     exports = {s.name: stages[s.name].path for s in registry.STAGES}
     directory = Path(cfg.data_root) / "evaluate" / step_key(
-        cfg.baseline_inits, cfg.prompt_template, [(s.name, getattr(cfg, s.section).model_preset, exports[s.name])
+        cfg.baseline_inits, cfg.prompt_template, [(s.name, getattr(cfg, s.section).model, exports[s.name])
                                                   for s in registry.STAGES])
     report_dir = directory / "report"
 

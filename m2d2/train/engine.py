@@ -92,15 +92,16 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, floor: fl
 
 
 def deepspeed_config(cfg: TrainStageConfig, world: int, device: torch.device) -> dict[str, Any]:
-    if cfg.global_batch % world:
-        raise ValueError(f"global batch {cfg.global_batch} is not divisible by the world size {world}")
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    schedule, topology = cfg.schedule, cfg.topology
+    if schedule.global_batch % world:
+        raise ValueError(f"global batch {schedule.global_batch} is not divisible by the world size {world}")
+    bf16 = topology.precision == "bf16" or (topology.precision == "auto" and device.type == "cuda")
     return {
-        "train_batch_size": cfg.global_batch,
-        "train_micro_batch_size_per_gpu": cfg.global_batch // world // cfg.accum_steps,
-        "gradient_accumulation_steps": cfg.accum_steps,
-        "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "train_batch_size": schedule.global_batch,
+        "train_micro_batch_size_per_gpu": schedule.global_batch // world // schedule.accum_steps,
+        "gradient_accumulation_steps": schedule.accum_steps,
+        "gradient_clipping": cfg.optim.grad_clip or 0.0,  # DeepSpeed: 0 = no clipping
+        "zero_optimization": {"stage": topology.zero_stage},
         "bf16": {"enabled": bf16},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
@@ -156,10 +157,11 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 
 
 def use_compile(cfg: TrainStageConfig, device: torch.device) -> bool:
-    """``compile``: ``auto`` compiles on GPU only (on CPU, inductor's C++ build costs more than it saves)."""
-    if cfg.compile not in ("auto", "on", "off"):
-        raise ValueError(f"compile={cfg.compile!r}: choose 'auto', 'on' or 'off'")
-    return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    """``topology.compile``: ``auto`` compiles on GPU only (on CPU, inductor's C++ build costs more than it saves)."""
+    mode = cfg.topology.compile
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"compile={mode!r}: choose 'auto', 'on' or 'off'")
+    return mode == "on" or (mode == "auto" and device.type == "cuda")
 
 
 def compile_blocks(module: nn.Module) -> int:
@@ -226,15 +228,15 @@ class Trainer:
 
         self.cfg, self.objective = cfg, objective
         self.total_steps, self.warmup_steps = total_steps, warmup_steps
-        self.rank, self.world = init_distributed(cfg.timeout_minutes)
+        self.rank, self.world = init_distributed(cfg.topology.timeout_minutes)
         self.device = device_for_rank()
-        if cfg.global_batch % self.world or (cfg.global_batch // self.world) % cfg.accum_steps:
-            raise ValueError(f"global batch {cfg.global_batch} must split into {self.world} ranks x "
-                             f"{cfg.accum_steps} equal micro-batches")
-        if cfg.zero_stage not in (0, 1, 2):
-            raise ValueError(f"zero_stage {cfg.zero_stage} is not supported (0, 1 or 2: stage 3 shards the weights, "
-                             "which the checkpoints and exports here assume whole)")
-        self.local_batch = cfg.global_batch // self.world
+        batch, accum = cfg.schedule.global_batch, cfg.schedule.accum_steps
+        if batch % self.world or (batch // self.world) % accum:
+            raise ValueError(f"global batch {batch} must split into {self.world} ranks x {accum} equal micro-batches")
+        if cfg.topology.zero_stage not in (0, 1, 2):
+            raise ValueError(f"zero_stage {cfg.topology.zero_stage} is not supported (0, 1 or 2: stage 3 shards the "
+                             "weights, which the checkpoints and exports here assume whole)")
+        self.local_batch = batch // self.world
         self.model = objective.module.to(self.device)
         self.compiled_blocks = compile_blocks(self.model) if use_compile(cfg, self.device) else 0
         optimizer = objective.build_optimizer(cfg, self.device)
@@ -252,14 +254,14 @@ class Trainer:
     def step(self, step: int, lms: torch.Tensor, target: Any) -> dict[str, Any] | None:
         """Optimiser step number ``step`` on this rank's batch; its outputs (device tensors, so nothing waits for
         the device) and hook values, or None when the step was skipped for a non-finite loss or gradient."""
-        lr = lr_at(step, self.total_steps, self.warmup_steps, self.cfg.lr, self.cfg.min_lr)
+        lr = lr_at(step, self.total_steps, self.warmup_steps, self.cfg.lr, self.cfg.optim.min_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         lms = lms.to(self.device, non_blocking=True)
         if isinstance(target, torch.Tensor):
             target = target.to(self.device, non_blocking=True)
         gen = step_generator(self.cfg.seed, step, self.rank, self.device)
-        out = self.objective.train_step(self.engine, (lms, target), gen, self.cfg.accum_steps,
+        out = self.objective.train_step(self.engine, (lms, target), gen, self.cfg.schedule.accum_steps,
                                         check_finite=self.check_loss)
         if out is None or not self.engine.was_step_applied():
             return None
@@ -309,16 +311,17 @@ def _train(cfg: TrainStageConfig, objective: Objective, dataset, out_dir: Path, 
            order: EpochOrder | None) -> TrainResult:
     from tqdm import tqdm
 
-    rank, world = init_distributed(cfg.timeout_minutes)
-    loader = CropLoader(dataset, cfg.global_batch, order, rank, world,
-                        num_workers=cfg.num_workers, seed=cfg.seed, pin_memory=torch.cuda.is_available(),
-                        prefetch_factor=cfg.prefetch_factor)
+    schedule, topology = cfg.schedule, cfg.topology
+    rank, world = init_distributed(topology.timeout_minutes)
+    loader = CropLoader(dataset, schedule.global_batch, order, rank, world,
+                        num_workers=cfg.data.num_workers, seed=cfg.seed, pin_memory=torch.cuda.is_available(),
+                        prefetch_factor=cfg.data.prefetch_factor)
     steps_per_epoch = loader.steps_per_epoch
-    total = cfg.max_steps or cfg.epochs * steps_per_epoch
-    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    total = schedule.epochs * steps_per_epoch if schedule.max_steps is None else schedule.max_steps
+    warmup = int(round(schedule.warmup_epochs * steps_per_epoch))
     trainer = Trainer(cfg, objective, total, warmup)
     model, optimizer, engine, device = trainer.model, trainer.optimizer, trainer.engine, trainer.device
-    manager = CheckpointManager(checkpoint_root or str(out_dir / CHECKPOINT_DIR), keep_last=cfg.keep_checkpoints,
+    manager = CheckpointManager(checkpoint_root or str(out_dir / CHECKPOINT_DIR), keep_last=cfg.checkpoint.keep,
                                 safe_globals=optimizer_safe_globals())
     state = TrainState()
     if (latest := manager.latest()) is not None:
@@ -331,15 +334,16 @@ def _train(cfg: TrainStageConfig, objective: Objective, dataset, out_dir: Path, 
     if run is not None:
         run.log_params({"train": asdict(cfg), "derived": {"lr": cfg.lr, "total_steps": total, "world_size": world,
                                                           "steps_per_epoch": steps_per_epoch, "warmup_steps": warmup,
-                                                          "micro_batch": trainer.local_batch // cfg.accum_steps,
+                                                          "micro_batch": trainer.local_batch // schedule.accum_steps,
                                                           "clips_per_epoch": len(loader.order),
                                                           "compiled_blocks": trainer.compiled_blocks}})
         if state.step:
             run.set_tags({"m2d2.resumed_from_step": state.step})
-    requested = cfg.nnodes * cfg.nproc_per_node
+    requested = topology.nnodes * topology.nproc_per_node
     if requested != world:
         log.warning("%s: the config asks for %d x %d processes but %d are running; the global batch (%d) and the "
-                    "schedule are unchanged", cfg.stage, cfg.nnodes, cfg.nproc_per_node, world, cfg.global_batch)
+                    "schedule are unchanged", cfg.stage, topology.nnodes, topology.nproc_per_node, world,
+                    schedule.global_batch)
     log.info("%s: %d steps (%d per epoch), world %d, lr %.3g, %d blocks compiled", cfg.stage, total, steps_per_epoch,
              world, cfg.lr, trainer.compiled_blocks)
 
@@ -367,13 +371,13 @@ def _train(cfg: TrainStageConfig, objective: Objective, dataset, out_dir: Path, 
                 state.consecutive_nonfinite += 1
                 log.warning("%s: non-finite loss or gradient at step %d, step skipped (%d in a row)", cfg.stage,
                             state.step, state.consecutive_nonfinite)
-                if state.consecutive_nonfinite >= cfg.max_nonfinite:
+                if state.consecutive_nonfinite >= cfg.checkpoint.max_nonfinite:
                     raise TrainingDivergedError(f"{cfg.stage}: {state.consecutive_nonfinite} consecutive non-finite "
                                                 f"losses up to step {state.step}; lower the lr or check the data")
             else:
                 state.consecutive_nonfinite = 0
             state.step += 1
-            window_samples += cfg.global_batch
+            window_samples += schedule.global_batch
             progress.update(1)
             if out is not None and (state.step % cfg.log_every == 0 or state.step == total):
                 # The only place step outputs are read back from the device.
@@ -388,7 +392,8 @@ def _train(cfg: TrainStageConfig, objective: Objective, dataset, out_dir: Path, 
                     run.log_metrics(last, step=state.step)
                 progress.set_postfix(loss=f"{last['loss']:.4f}")
                 window_start, window_samples = time.perf_counter(), 0
-            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step < total:
+            every = cfg.checkpoint.every
+            if every is not None and state.step % every == 0 and state.step < total:
                 save(state.step)
             if fault_at is not None and state.step == fault_at:
                 log.error("%s: M2D2_FAULT_AT_STEP=%d: simulating a crash", cfg.stage, fault_at)

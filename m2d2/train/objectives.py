@@ -85,16 +85,17 @@ def build_optimizer(cfg: TrainStageConfig, module: nn.Module, device: torch.devi
     ``lars`` is timm's ``Lars``, the optimiser behind the reference's ``--optim lars``; with ``weight_decay=0``
     (the reference's AudioSet recipe) it applies no trust ratio and equals SGD with momentum.
     """
-    groups = decay_groups(module, cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
-    if cfg.optimizer == "lars":
+    optim = cfg.optim
+    groups = decay_groups(module, optim.weight_decay)
+    if optim.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(optim.beta1, optim.beta2), fused=device.type == "cuda")
+    if optim.name == "lars":
         from timm.optim import Lars
 
-        return Lars(groups, lr=cfg.lr, momentum=cfg.momentum)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose 'adamw', 'lars' or 'sgd'")
+        return Lars(groups, lr=cfg.lr, momentum=optim.momentum)
+    if optim.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=optim.momentum)
+    raise ValueError(f"unknown optimizer {optim.name!r}; choose 'adamw', 'lars' or 'sgd'")
 
 
 # ----------------------------------------------------------------------------------------------------- CLAP

@@ -19,7 +19,8 @@ import torch
 
 from m2d2.data.features import LogMelStore, load_norm_stats
 from m2d2.data.loader import CropDataset, LabeledCropDataset, WeightedOrder, select_clips
-from m2d2.models import M2D2, M2D2Config
+from m2d2.models import M2D2
+from m2d2.presets import model_config
 from m2d2.text.cache import CaptionEmbeddings
 from m2d2.tracking import StageRun
 from m2d2.train.config import TrainStageConfig
@@ -42,23 +43,24 @@ class StageOutput:
 
 def _expect(cfg: TrainStageConfig, stage: str) -> None:
     if cfg.stage != stage:
-        raise ValueError(f"a {cfg.stage!r} config was given to {stage}; use stage_preset('{stage}', ...)")
+        raise ValueError(f"a {cfg.stage!r} config was given to {stage}; use m2d2.presets.stage_config('{stage}', ...)")
 
 
 def _crop(cfg: TrainStageConfig, model: M2D2) -> int:
-    crop, longest = cfg.crop_frames or model.config.encoder.input_frames, model.config.encoder.input_frames
+    longest = model.config.encoder.input_frames
+    crop = longest if cfg.data.crop_frames is None else cfg.data.crop_frames
     if crop > longest:
         raise ValueError(f"{cfg.stage}: crops of {crop} frames exceed the encoder's {longest} (its positional table); "
-                         "train stage 1.1 first (it grows the encoder), or lower crop_frames")
+                         "train stage 1.1 first (it grows the encoder), or lower data.crop_frames")
     return crop
 
 
 def _subset(cfg: TrainStageConfig, store: LogMelStore) -> list[int] | None:
-    if not cfg.sources and cfg.subset_min_captions <= 0:
+    if not cfg.data.sources and cfg.data.min_captions <= 0:
         return None
-    chosen = select_clips(store, cfg.sources, cfg.subset_min_captions)
+    chosen = select_clips(store, cfg.data.sources, cfg.data.min_captions)
     log.info("%s: training subset of %d / %d clips (sources %s, >= %d captions)", cfg.stage, len(chosen),
-             len(store), cfg.sources or "any", cfg.subset_min_captions)
+             len(store), cfg.data.sources or "any", cfg.data.min_captions)
     return chosen
 
 
@@ -66,8 +68,8 @@ def run_stage1(cfg: TrainStageConfig, feature_dir: str, caption_cache: str, out_
                parent_run_id: str | None = None, checkpoint_root: str | None = None) -> StageOutput:
     """Stage 1: M2D + CLAP from scratch against precomputed sentence vectors of the captions."""
     _expect(cfg, "stage1")
-    init_distributed(cfg.timeout_minutes)
-    model_cfg = M2D2Config.preset(cfg.model_preset)
+    init_distributed(cfg.topology.timeout_minutes)
+    model_cfg = model_config(cfg.model)
     stats = load_norm_stats(feature_dir)
     model_cfg.norm_mean, model_cfg.norm_std = stats.mean, stats.std
     captions = CaptionEmbeddings(caption_cache)
@@ -83,31 +85,32 @@ def run_stage1(cfg: TrainStageConfig, feature_dir: str, caption_cache: str, out_
 
 def run_stage11(cfg: TrainStageConfig, feature_dir: str, stage1_export: str, out_dir: str,
                 parent_run_id: str | None = None, checkpoint_root: str | None = None) -> StageOutput:
-    """Stage 1.1: supervised multi-label fine-tuning of the stage-1 encoder at ``cfg.crop_frames`` (608 -> 1001).
+    """Stage 1.1: supervised multi-label fine-tuning of the stage-1 encoder at ``cfg.data.crop_frames`` (608 -> 1001).
 
     The classes are the labels of the training split (sorted). Afterwards rank 0 scores the ``eval`` split
     (mAP), logged to the stage's MLflow run and returned in ``StageOutput.metrics``.
     """
     _expect(cfg, "stage1.1")
-    init_distributed(cfg.timeout_minutes)
+    init_distributed(cfg.topology.timeout_minutes)
     torch.manual_seed(cfg.seed)
     base = M2D2.from_pretrained(stage1_export)
-    if cfg.crop_frames:
-        expand_encoder_frames(base.encoder, cfg.crop_frames)
+    if cfg.data.crop_frames is not None:
+        expand_encoder_frames(base.encoder, cfg.data.crop_frames)
     store = LogMelStore(feature_dir, "train")
     subset = _subset(cfg, store)
     classes = sorted({label for i in (subset or range(len(store))) for label in store.labels[i]})
     if not classes:
         raise ValueError(f"{feature_dir}: the training clips carry no labels; stage 1.1 needs labelled clips")
-    model = FineTuneModel(base.encoder, base.norm_stats, len(classes), freq_mask=cfg.freq_mask,
-                          time_mask=cfg.time_mask)
+    model = FineTuneModel(base.encoder, base.norm_stats, len(classes), freq_mask=cfg.augment.freq_mask,
+                          time_mask=cfg.augment.time_mask)
     model.requires_grad_(True)
     dataset = LabeledCropDataset(store, base.config.encoder.input_frames, classes, seed=cfg.seed, subset=subset)
     order = None
-    if cfg.balanced_sampling:
-        order = WeightedOrder(audioset_sample_weights(dataset.label_lists()),
-                              cfg.samples_per_epoch or len(dataset), seed=cfg.seed)
-    objective = FineTuneObjective(model, base, classes, mixup_alpha=cfg.mixup_alpha, patch_out=cfg.patch_out)
+    if cfg.data.balanced_sampling:
+        samples = len(dataset) if cfg.data.samples_per_epoch is None else cfg.data.samples_per_epoch
+        order = WeightedOrder(audioset_sample_weights(dataset.label_lists()), samples, seed=cfg.seed)
+    objective = FineTuneObjective(model, base, classes, mixup_alpha=cfg.augment.mixup_alpha,
+                                  patch_out=cfg.augment.patch_out)
 
     def evaluate(run: StageRun | None) -> dict[str, float]:
         from m2d2.eval.tagging import evaluate_tagging
@@ -136,20 +139,20 @@ def run_stage2(cfg: TrainStageConfig, feature_dir: str, stage11_export: str, out
                parent_run_id: str | None = None, checkpoint_root: str | None = None) -> StageOutput:
     """Stage 2: frozen (stage-1.1) encoder, fresh projector, trainable transformers text encoder, CLAP only."""
     _expect(cfg, "stage2")
-    init_distributed(cfg.timeout_minutes)
+    init_distributed(cfg.topology.timeout_minutes)
     torch.manual_seed(cfg.seed)
     model = M2D2.from_pretrained(stage11_export)
-    model.start_stage2(M2D2Config.preset(cfg.model_preset).text.encoder)
+    model.start_stage2(model_config(cfg.model).text.encoder)
     return _run_clap(cfg, model, feature_dir, out_dir, parent_run_id, checkpoint_root,
                      inputs={"features": feature_dir, "encoder": stage11_export})
 
 
 def run_stage21(cfg: TrainStageConfig, feature_dir: str, stage2_export: str, out_dir: str,
                 parent_run_id: str | None = None, checkpoint_root: str | None = None) -> StageOutput:
-    """Stage 2.1: stage 2's weights (projector, text encoder, logit scale) trained on with ``cfg.mask_ratio``
+    """Stage 2.1: stage 2's weights (projector, text encoder, logit scale) trained on with ``cfg.augment.mask_ratio``
     (0.0) on the curated subset; a new optimiser and schedule, as the reference's ``--finetune``."""
     _expect(cfg, "stage2.1")
-    init_distributed(cfg.timeout_minutes)
+    init_distributed(cfg.topology.timeout_minutes)
     torch.manual_seed(cfg.seed)
     model = M2D2.from_pretrained(stage2_export)
     if model.text_encoder is None:
@@ -167,7 +170,7 @@ def _run_clap(cfg: TrainStageConfig, model: M2D2, feature_dir: str, out_dir: str
               checkpoint_root: str | None, inputs: dict[str, str]) -> StageOutput:
     store = LogMelStore(feature_dir, "train")
     dataset = CropDataset(store, _crop(cfg, model), captions=None, seed=cfg.seed, subset=_subset(cfg, store))
-    objective = ClapObjective(model, mask_ratio=cfg.mask_ratio if cfg.mask_ratio >= 0 else None)
+    objective = ClapObjective(model, mask_ratio=cfg.augment.mask_ratio)  # None: the model's stage2_mask_ratio
     return _run(cfg, objective, dataset, out_dir, parent_run_id, checkpoint_root, inputs=inputs)
 
 

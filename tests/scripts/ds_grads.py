@@ -13,7 +13,7 @@ sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
 from conftest import tiny_bert, tiny_config  # noqa: E402
 
 from m2d2.models import M2D2, PatchMask  # noqa: E402
-from m2d2.train.config import TrainStageConfig  # noqa: E402
+from m2d2.train.config import OptimConfig, ScheduleConfig, TrainStageConfig  # noqa: E402
 from m2d2.train.engine import deepspeed_config, init_distributed  # noqa: E402
 from m2d2.train.objectives import clap_step  # noqa: E402
 
@@ -52,7 +52,8 @@ def run(stage: str, dtype: torch.dtype, accum: int) -> tuple[torch.Tensor, dict[
     part = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
     lms, text = lms[part], text[part]
     mask = PatchMask(mask.ids_keep[part], mask.ids_masked[part])
-    cfg = TrainStageConfig(stage=stage, global_batch=BATCH, accum_steps=accum, grad_clip=1e9)
+    cfg = TrainStageConfig(stage=stage, schedule=ScheduleConfig(global_batch=BATCH, accum_steps=accum),
+                           optim=OptimConfig(grad_clip=1e9))
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                       config=deepspeed_config(cfg, world, torch.device("cpu")))
