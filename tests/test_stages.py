@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from m2d2.data.features import LogMelStore, load_norm_stats
 from m2d2.data.loader import select_clips
 from m2d2.models import M2D2, M2D2Config
+from m2d2.models.tagger import resample_pos_embed
 from m2d2.train.config import stage_preset
-from m2d2.train.finetune import resample_pos_embed
 
 
 @pytest.fixture(scope="module")
