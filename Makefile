@@ -9,17 +9,19 @@ export TOKENIZERS_PARALLELISM := false
 .PHONY: install test lint demo mlflow-ui constraints clean device-wheels
 
 # (Re)install when the dependency spec or the pins change. pip, not uv/poetry: only pip sees the
-# machine's local torch wheels (see README "Installation").
+# machine's local torch wheels (see README "Installation"). Every extra: the core install serves inference only.
 $(STAMP): pyproject.toml constraints/cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints/cpu.txt -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints/cpu.txt -e '.[train,pipeline,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
+# ruff, then the architecture contracts of pyproject's [tool.importlinter] (layers, forbidden imports).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 test: lint
 	$(PY) -m pytest -q

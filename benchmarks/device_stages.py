@@ -72,10 +72,10 @@ from capacity_model import BERT_BASE, MISTRAL_7B, Assumptions  # noqa: E402
 
 from m2d2 import presets
 from m2d2.models import M2D2, M2D2Config, OfflineTextConfig, TransformersTextConfig
+from m2d2.models.tagger import FineTuneModel, expand_encoder_frames
 from m2d2.text.encoders import PooledTransformer, TextEncoderPlugin, _dtype_kwargs, register_encoder
 from m2d2.train.config import TrainStageConfig
 from m2d2.train.engine import FAULT_EXIT_CODE
-from m2d2.train.finetune import FineTuneModel, expand_encoder_frames
 from m2d2.train.objectives import CLASSIFIER_DIR, HEAD_FILE, ClapObjective, FineTuneObjective
 
 STAGES = ("stage1", "stage1.1", "stage2", "stage2.1")

@@ -6,8 +6,9 @@
 #
 # torch comes from pytorch's CPU index (torch==2.11.0+cpu and friends: no CUDA libraries, about 1/10 of the size
 # of the CUDA build). The rest uses the same exact pins as CI (constraints/cpu.txt), as in the trainer image.
-# DeepSpeed is a project dependency, so it is installed here too (pure-Python wheel, DS_BUILD_OPS=0), but these
-# tasks never start a DeepSpeed engine.
+# The image installs the core dependencies and the [train] and [pipeline] extras (the tasks track to MLflow and run
+# under Flyte); DeepSpeed comes with [train] (pure-Python wheel, DS_BUILD_OPS=0), but these tasks never start a
+# DeepSpeed engine.
 #
 # Base image: tag for the reader, digest for the build (k8s/components/images is the table of pins;
 # k8s/pin-images.sh resolves and writes the digests).
@@ -36,7 +37,8 @@ COPY constraints/cpu.txt constraints/cpu.txt
 RUN { grep -vE '^(torch|torchaudio|torchvision|triton|nvidia-[A-Za-z0-9_.-]+|cuda-[A-Za-z0-9_.-]+)==' constraints/cpu.txt; \
       printf 'torch==%s\ntorchaudio==%s\ntorchvision==%s\n' "${TORCH_VERSION}" "${TORCHAUDIO_VERSION}" "${TORCHVISION_VERSION}"; \
     } > /tmp/constraints.txt \
-    && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+    && python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; x = p['optional-dependencies']; \
+            print('\n'.join(d for d in p['dependencies'] + x['train'] + x['pipeline'] if not d.startswith('m2d2')))" \
         > /tmp/requirements.txt \
     && pip install -c /tmp/constraints.txt -r /tmp/requirements.txt
 

@@ -57,15 +57,17 @@ RUN pip install --index-url "https://download.pytorch.org/whl/${TORCH_CUDA}" \
         "torchaudio==${TORCHAUDIO_VERSION}+${TORCH_CUDA}" \
         "torchvision==${TORCHVISION_VERSION}+${TORCH_CUDA}"
 
-# 2. Every other dependency at the exact versions of constraints/cpu.txt, the project's lock for CI. Its
-#    torch/CUDA lines describe the CPU machines, so they are replaced by the GPU stack installed above.
+# 2. Every other dependency (core, [train] and [pipeline]) at the exact versions of constraints/cpu.txt, the
+#    project's lock for CI. Its torch/CUDA lines describe the CPU machines, so they are replaced by the GPU stack
+#    installed above.
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY constraints/cpu.txt constraints/cpu.txt
 RUN { grep -vE '^(torch|torchaudio|torchvision|triton|nvidia-[A-Za-z0-9_.-]+|cuda-[A-Za-z0-9_.-]+)==' constraints/cpu.txt; \
       printf 'torch==%s\ntorchaudio==%s\ntorchvision==%s\n' "${TORCH_VERSION}" "${TORCHAUDIO_VERSION}" "${TORCHVISION_VERSION}"; \
     } > /tmp/constraints.txt \
-    && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+    && python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; x = p['optional-dependencies']; \
+            print('\n'.join(d for d in p['dependencies'] + x['train'] + x['pipeline'] if not d.startswith('m2d2')))" \
         > /tmp/requirements.txt \
     && pip install -c /tmp/constraints.txt -r /tmp/requirements.txt
 

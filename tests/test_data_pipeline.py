@@ -119,6 +119,16 @@ def test_crop_dataset_is_a_function_of_seed_epoch_and_index(corpus, tmp_path):
         data.set_epoch(epoch)
         drawn.add(data[0][1])
     assert drawn == set(store.captions[0])
+    # The caption is choose_caption's draw from the item's generator, after the crop start (clip 2 is longer).
+    from m2d2.text.choice import choose_caption
+
+    for epoch in range(5):
+        data.set_epoch(epoch)
+        for i in range(3):
+            rng = np.random.default_rng([3, epoch, i])
+            if store.frames(i) > 64:
+                rng.integers(0, store.frames(i) - 64 + 1)
+            assert data[i][1] == store.captions[i][choose_caption(len(store.captions[i]), rng)]
 
 
 def test_crop_dataset_with_vectors_and_missing_captions(corpus, tmp_path):

@@ -842,7 +842,8 @@ def flyte_values_schema() -> Obj:
 
 
 def pyproject_pin(name: str) -> str:
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    deps = project["dependencies"] + [d for extra in project["optional-dependencies"].values() for d in extra]
     (spec,) = [d for d in deps if re.match(rf"{re.escape(name)}\s*==", d)]
     return spec.split("==", 1)[1].strip()
 

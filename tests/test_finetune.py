@@ -11,16 +11,14 @@ import torch
 from m2d2.eval.metrics import mean_average_precision
 from m2d2.models import AudioEncoder, EncoderConfig
 from m2d2.models.pos_embed import sincos_2d, truncate_time
-from m2d2.train.finetune import (
+from m2d2.models.tagger import (
     ClassifierHead,
     FineTuneModel,
-    audioset_sample_weights,
     expand_encoder_frames,
-    log_mixup_exp,
-    mixup_batch,
     resample_pos_embed,
     spec_augment,
 )
+from m2d2.train.finetune import audioset_sample_weights, log_mixup_exp, mixup_batch
 
 
 def gen(seed: int) -> torch.Generator:
@@ -250,3 +248,43 @@ def test_mean_average_precision_matches_sklearn_on_distinct_scores():
     targets = (rng.random((50, 6)) < 0.3).astype(float)
     expected = metrics.average_precision_score(targets, scores, average=None).mean()
     assert mean_average_precision(scores, targets) == pytest.approx(expected)
+
+
+# ----------------------------------------------------------------------------- tagging evaluation
+class _Store:
+    """What tagging reads of a LogMelStore: raw float32 log-mels [n_mels, T], labels, the split's name."""
+
+    split = "eval"
+
+    def __init__(self, clips: list[np.ndarray], labels: list[list[str]]):
+        self.clips, self.labels = clips, labels
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.clips[i]
+
+
+def test_tagging_scores_the_chunks_inference_encodes():
+    """Stage-1.1 tagging cuts a clip as inference does (m2d2.models.chunks): chunks of ``input_frames`` over the
+    clip padded with the mean to whole patches, so tails and clips shorter than a patch are scored too."""
+    from m2d2.eval.tagging import clip_logits, evaluate_tagging
+    from m2d2.models.chunks import chunk_spans
+
+    torch.manual_seed(0)
+    model = FineTuneModel(tiny_encoder(64), (-5.0, 3.0), num_classes=3).eval()
+    rng = np.random.default_rng(0)
+    lengths = (64, 70, 130, 135, 20, 10)
+    clips = [rng.normal(-5.0, 3.0, (80, t)).astype(np.float32) for t in lengths]
+    assert [len(chunk_spans(t, 64, 16)) for t in lengths] == [1, 2, 3, 3, 1, 1]
+    store = _Store(clips, [["a"], ["b"], ["c"], ["a", "b"], ["c"], ["a"]])
+    got = clip_logits(model, store, batch_size=2)
+    with torch.no_grad():
+        for i, lms in enumerate(clips):
+            chunks = model.encoder.encode_chunks(model.normalize(torch.from_numpy(lms))[None])  # inference's path
+            expected = torch.cat([model.head(tokens.mean(dim=1)) for tokens in chunks]).mean(dim=0)
+            torch.testing.assert_close(got[i], expected, atol=1e-5, rtol=1e-5)
+    metrics = evaluate_tagging(model, store, ["a", "b", "c"])
+    assert metrics["eval_clips"] == 6.0 and 0.0 <= metrics["mAP"] <= 1.0 and "top1_acc" not in metrics
+    assert not model.training

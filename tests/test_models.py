@@ -383,12 +383,16 @@ def test_from_pretrained_rejects_incomplete_export(tmp_path):
 
 
 def test_offline_text_strings_use_the_configured_sentence_encoder():
+    from m2d2.inference import attach_text_embedder
     from m2d2.text import OfflineTextEncoder
 
     cfg = model_config("demo")
     cfg.encoder.depth = 1
     model = M2D2(cfg, with_m2d=False).eval()
     captions = ["a dog barks", "a dog is barking loudly", "soft rain falls on a tin roof"]
+    with pytest.raises(RuntimeError, match="m2d2.inference.load_pretrained"):  # models never loads text models
+        model.encode_clap_text(captions)
+    attach_text_embedder(model)
     with torch.inference_mode():
         emb = model.encode_clap_text(captions)
         direct = OfflineTextEncoder(cfg.text.offline).encode(captions)
@@ -397,3 +401,41 @@ def test_offline_text_strings_use_the_configured_sentence_encoder():
     sim = F.normalize(direct, dim=-1) @ F.normalize(direct, dim=-1).T
     assert sim[0, 1] > sim[0, 2]  # a real sentence encoder, not noise
     assert cfg.text.offline.path == MINILM
+
+
+def test_a_text_embedder_is_the_callers_and_never_part_of_the_weights(tiny):
+    model = M2D2(tiny, with_m2d=False).eval()
+    keys = set(model.state_dict())
+    seen = []
+
+    def embedder(texts: list[str]) -> torch.Tensor:
+        seen.append(list(texts))
+        return torch.ones(len(texts), 48)
+
+    model.set_text_embedder(embedder)
+    assert model.text_embedder is embedder and set(model.state_dict()) == keys
+    with torch.inference_mode():
+        torch.testing.assert_close(model.encode_clap_text(["a", "b"]), model.encode_clap_text(torch.ones(2, 48)))
+    assert seen == [["a", "b"]]
+    model.set_text_embedder(torch.nn.Linear(2, 2))  # even a module stays out of the module tree
+    assert set(model.state_dict()) == keys
+    model.start_stage2(tiny_bert(hidden=64))
+    assert model.text_embedder is None  # stage 2 embeds strings with its own text encoder
+
+
+
+def test_one_chunking_rule_for_inference_reports_and_tagging():
+    from m2d2.models.chunks import chunk_spans, frame_starts, split_chunks
+
+    assert chunk_spans(1001, 1001, 16) == [(0, 1001)]
+    assert chunk_spans(1006, 1001, 16) == [(0, 1001)]  # 5 frames past the chunk pad to 7, less than a patch
+    assert chunk_spans(1011, 1001, 16) == [(0, 1001), (1001, 1024)]  # 10 frames pad to 23: one patch
+    assert chunk_spans(10, 608, 16) == [(0, 16)]  # shorter than a patch: one padded patch
+    x = torch.randn(2, 80, 1011)
+    chunks = split_chunks(x, 1001, 16)
+    assert [c.shape[-1] for c in chunks] == [1001, 23]
+    assert torch.equal(chunks[0], x[..., :1001]) and torch.equal(chunks[1][..., :10], x[..., 1001:])
+    assert not chunks[1][..., 10:].any()  # padded with the normalised mean
+    assert frame_starts(1011, 1001, 16).tolist()[-2:] == [976, 1001] and len(frame_starts(1011, 1001, 16)) == 63
+    with pytest.raises(ValueError, match="at least one"):
+        chunk_spans(0, 1001, 16)

@@ -15,6 +15,7 @@ from conftest import moto_s3, tiny_config
 
 from m2d2 import io
 from m2d2.data.manifest import AudioAccess, ManifestError, resolve_audio_uri, validate_manifest
+from m2d2.inference import load_pretrained
 from m2d2.io import UnsafePathError
 from m2d2.models import M2D2
 from m2d2.text.encoders import RemoteCodePolicy, RemoteCodeRefused, remote_code_digest
@@ -125,7 +126,7 @@ def test_a_models_config_cannot_turn_on_remote_code(export_dir, tmp_path, marker
         (export / f.name).write_bytes(f.read_bytes())
     _evil_encoder(export / "enc")
     _rewrite_offline_text(export, kind="nv-embed-v2", path="enc")
-    model = M2D2.from_pretrained(str(export))
+    model = load_pretrained(str(export))  # the inference API: caption strings reach the configured encoder
     with pytest.raises(RemoteCodeRefused, match="M2D2_TRUST_REMOTE_CODE"):
         model.encode_clap_text(["a dog barks"])
     assert not marker.exists()
@@ -152,10 +153,10 @@ def test_export_paths_resolve_inside_the_export(export_dir, tmp_path, marker, mo
     monkeypatch.chdir(tmp_path / "cwd")
     _rewrite_offline_text(export, path="enc")  # exists in the cwd, not in the export
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        M2D2.from_pretrained(str(export)).encode_clap_text(["x"])
+        load_pretrained(str(export)).encode_clap_text(["x"])
     _rewrite_offline_text(export, path="../cwd/enc")
     with pytest.raises(UnsafePathError, match=r"'\.\.'"):
-        M2D2.from_pretrained(str(export)).encode_clap_text(["x"])
+        load_pretrained(str(export)).encode_clap_text(["x"])
     assert not marker.exists()
 
 

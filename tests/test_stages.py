@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 from m2d2.data.features import LogMelStore, load_norm_stats
 from m2d2.data.loader import select_clips
 from m2d2.models import M2D2
+from m2d2.models.tagger import resample_pos_embed
 from m2d2.presets import model_config, stage_config
 from m2d2.train.config import TrainStageConfig
-from m2d2.train.finetune import resample_pos_embed
 
 
 @pytest.fixture(scope="module")

@@ -290,14 +290,17 @@ def test_cache_reader_basics_pickle_and_old_format(toy, tmp_path):
 
 # ------------------------------------------------------------------------------------------------------ choice
 def test_caption_choice_is_a_pure_function_and_weighting_is_configurable():
-    picks = [choose_caption(5, seed=1, epoch=e, index=7) for e in range(400)]
-    assert picks == [choose_caption(5, seed=1, epoch=e, index=7) for e in range(400)]
+    def item(seed: int, epoch: int, index: int) -> np.random.Generator:  # the loader's generator of an item
+        return np.random.default_rng([seed, epoch, index])
+
+    picks = [choose_caption(5, item(1, e, 7)) for e in range(400)]
+    assert picks == [choose_caption(5, item(1, e, 7)) for e in range(400)]
     assert set(picks) == set(range(5)) and max(np.bincount(picks)) < 110  # uniform-ish over epochs
-    assert picks != [choose_caption(5, seed=2, epoch=e, index=7) for e in range(400)]
-    weighted = [choose_caption(3, 0, e, 0, weights=[0.0, 1.0, 3.0]) for e in range(400)]
+    assert picks != [choose_caption(5, item(2, e, 7)) for e in range(400)]
+    weighted = [choose_caption(3, item(0, e, 0), weights=[0.0, 1.0, 3.0]) for e in range(400)]
     assert 0 not in weighted and 250 < weighted.count(2) < 350
     with pytest.raises(ValueError, match="caption weights"):
-        choose_caption(2, 0, 0, 0, weights=[1.0])
+        choose_caption(2, item(0, 0, 0), weights=[1.0])
     counts = [1, 5, 2]
     assert clip_weights(counts).tolist() == [1.0, 1.0, 1.0]  # a 5-caption clip is not drawn 5x as often
     assert clip_weights(counts, exponent=1.0).tolist() == [1.0, 5.0, 2.0]  # the reference's pooling

@@ -21,6 +21,7 @@ import torch
 
 from m2d2.data.features import LogMelStore
 from m2d2.text.cache import CaptionEmbeddings
+from m2d2.text.choice import choose_caption
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class CropDataset(_Crops):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor | str]:
         lms, clip, rng = self._crop(index)
         options = self.store.captions[clip]
-        caption = options[int(rng.integers(0, len(options)))]
+        caption = options[choose_caption(len(options), rng)]
         if self.captions is None:
             return lms, caption
         return lms, torch.from_numpy(self.captions.lookup([caption])[0].astype(np.float32))

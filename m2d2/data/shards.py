@@ -60,6 +60,9 @@ from m2d2.audio import (
     is_silent,
     read_audio_file,
 )
+from m2d2.audio.stats import Moments as _Moments
+from m2d2.audio.stats import crop_generator, norm_draws
+from m2d2.audio.stats import crop_moments as _crop_moments
 from m2d2.data.manifest import AudioAccess, resolve_audio_uri, validate_manifest
 from m2d2.shards import Shard, ShardRef, ShardWriter, build, delete, npy_header, read_markers, shard_refs
 
@@ -72,7 +75,6 @@ COMPLETE_FILE = "_COMPLETE.json"
 STATS_FILE = "stats.json"
 QUARANTINE_FILE = "quarantine.parquet"
 NORM_SPLIT = "train"
-_EPS32 = float(np.finfo(np.float32).eps)
 
 INDEX_SCHEMA = pa.schema(
     [
@@ -367,52 +369,15 @@ def _manifest_rows(plan: ShardPlan, spec: ShardSpec) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------------------------- build
-class _Moments:
-    """Count, mean and sum of squared deviations, merged with Chan's parallel update (float64)."""
-
-    def __init__(self, count: int = 0, mean: float = 0.0, m2: float = 0.0):
-        self.count, self.mean, self.m2 = count, mean, m2
-
-    def add(self, values: np.ndarray) -> None:
-        flat = np.asarray(values, dtype=np.float64).reshape(-1)
-        mean_b = float(flat.mean())
-        centred = flat - mean_b
-        # square + sum, not a dot product: no BLAS threads (they crawl on a busy machine), same on every host
-        self.merge(_Moments(flat.size, mean_b, float(np.square(centred).sum())))
-
-    def merge(self, other: _Moments) -> None:
-        if other.count == 0:
-            return
-        total = self.count + other.count
-        delta = other.mean - self.mean
-        self.mean += delta * other.count / total
-        self.m2 += other.m2 + delta * delta * self.count * other.count / total
-        self.count = total
-
-
 def _norm_allocation(config: FeatureConfig, split_sizes: dict[str, int], spec: ShardSpec) -> np.ndarray:
     """How many of the ``norm_samples`` crops land on each clip of ``spec`` (uniform draws with replacement
     over all training clips, as the reference samples; independent of how the clips are sharded)."""
     n = split_sizes.get(NORM_SPLIT, 0)
     if spec.split != NORM_SPLIT or n == 0 or config.norm_samples <= 0:
         return np.zeros(spec.clips, dtype=np.int64)
-    draws = np.random.default_rng([config.seed, 0x5EED]).integers(0, n, config.norm_samples)
+    draws = norm_draws(config.seed, n, config.norm_samples)
     local = draws[(draws >= spec.split_offset) & (draws < spec.split_offset + spec.clips)] - spec.split_offset
     return np.bincount(local, minlength=spec.clips)
-
-
-def _crop_moments(lms: np.ndarray, count: int, crop: int, rng: np.random.Generator, moments: _Moments) -> None:
-    """``count`` uniform crops of ``crop`` frames from a [T, n_mels] clip; short clips right-padded with 0 in the
-    raw log domain, exactly as the training crop pads."""
-    frames = lms.shape[0]
-    for _ in range(count):
-        if frames >= crop:
-            start = int(rng.integers(0, frames - crop + 1))
-            moments.add(lms[start : start + crop])
-        else:
-            padded = np.zeros((crop, lms.shape[1]), dtype=np.float64)
-            padded[:frames] = lms
-            moments.add(padded)
 
 
 def _write_shard(out: ShardWriter, payload: bytes | bytearray, index: list[dict[str, Any]],
@@ -499,7 +464,7 @@ def _make_shard(plan: ShardPlan, k: int, out: ShardWriter, progress: bool) -> di
         with torch.inference_mode():
             lms = frontend(wave).T.contiguous().to(torch.float16).numpy()  # [T, n_mels], as stored
         if allocation[j]:
-            rng = np.random.default_rng([cfg.seed, 1, spec.split_offset + j])
+            rng = crop_generator(cfg.seed, spec.split_offset + j)
             _crop_moments(lms, int(allocation[j]), cfg.norm_crop_frames, rng, moments)
         mels.append(lms)
         index.append({"clip_id": row["clip_id"], "source": row["source"], "shard": k, "offset": offset,
@@ -588,7 +553,7 @@ def _finalize(store: str, markers: list[dict[str, Any]], split_sizes: dict[str, 
         if moments.count == 0:
             raise ValueError(f"no training crop could be measured for the normalisation statistics of {store} "
                              f"({sum(m['clips'] for m in markers if m['split'] == NORM_SPLIT)} training clips stored)")
-        stats = NormStats(mean=moments.mean, std=math.sqrt(moments.m2 / moments.count) + _EPS32)
+        stats = moments.norm_stats()
     by_kind: dict[str, int] = {}
     for m in markers:
         for kind, n in m["quarantine_kinds"].items():
@@ -664,7 +629,7 @@ def import_logmels(store: str, splits: dict[str, Sequence[LogMelClip]], config: 
                     stored = np.frombuffer(bytes(payload[index[j]["offset"] * n_mels * 2:
                                                          (index[j]["offset"] + index[j]["frames"]) * n_mels * 2]),
                                            dtype=np.float16).reshape(-1, n_mels)
-                    rng = np.random.default_rng([cfg.seed, 1, spec_start + int(j)])
+                    rng = crop_generator(cfg.seed, spec_start + int(j))
                     _crop_moments(stored, int(allocation[j]), cfg.norm_crop_frames, rng, moments)
             data = npy_header((offset, n_mels or 80)) + bytes(payload)
             info = {"index": k, "split": split, "clips": len(index), "quarantined": 0, "frames": offset,

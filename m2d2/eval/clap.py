@@ -6,15 +6,15 @@ Model-facing but workflow-free: it takes log-mel clips and strings and returns a
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from m2d2.eval.metrics import retrieval_metrics, zero_shot_accuracy
-
-TextEmbedder = Callable[[list[str]], torch.Tensor]
+from m2d2.models.model import TextEmbedder
+from m2d2.text.prompt import PROMPT_TEMPLATE
 
 
 @dataclass
@@ -31,7 +31,7 @@ class ClapEvalSet:
     labels: list[str]
     captions: list[list[str]]
     class_names: list[str]
-    prompt_template: str = "{} can be heard"
+    prompt_template: str = PROMPT_TEMPLATE
 
     def __post_init__(self) -> None:
         n = len(self.lms)

@@ -11,9 +11,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-__all__ = ["DEFAULT_TEMPLATE", "PROMPT_RULES", "PromptRule", "class_prompts", "prompt_rule"]
+from m2d2.text.prompt import PROMPT_TEMPLATE as DEFAULT_TEMPLATE
 
-DEFAULT_TEMPLATE = "{} can be heard"
+__all__ = ["DEFAULT_TEMPLATE", "PROMPT_RULES", "PromptRule", "class_prompts", "prompt_rule"]
 
 # CREMA-D: the reference's fixed phrases, keyed by every spelling of the six classes (EVAR's metadata uses the
 # dataset's three-letter codes).

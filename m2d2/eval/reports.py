@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from m2d2.models.chunks import frame_starts
+
 __all__ = [
     "AttentionMap",
     "ReportFigure",
@@ -95,8 +97,6 @@ def projector_attention(model: nn.Module, lms: torch.Tensor, title: str = "") ->
     Runs the encoder as CLAP inference does (chunked, no mask), then the projector blocks; the last block's
     attention row of the semantic token is split back into chunks and reshaped frequency-major to ``F x t``.
     """
-    from m2d2.inference import frame_starts
-
     if lms.ndim != 2:
         raise ValueError(f"expected one raw log-mel [n_mels, T], got shape {tuple(lms.shape)}")
     encoder, proj = model.encoder, model.audio_proj

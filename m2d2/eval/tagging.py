@@ -1,25 +1,20 @@
 """Multi-label tagging evaluation (stage 1.1's AudioSet mAP) of a fine-tuned encoder + classifier head.
 
-A clip longer than the encoder's crop is scored chunk by chunk (whole crops from the start; a last partial
-chunk of at least one patch is kept) and its logits averaged, so every frame counts once and no clip is cut.
+A clip is scored in the encoder chunks of inference (:mod:`m2d2.models.chunks`: chunks of the encoder's
+``input_frames``, the clip padded with the normalised mean to whole patches, a last chunk kept when it holds a
+patch) and its chunk logits averaged, so every encoded frame counts once and no clip is cut.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 from m2d2.data.features import LogMelStore
 from m2d2.eval.metrics import mean_average_precision
-from m2d2.train.finetune import FineTuneModel
-
-
-def chunk_bounds(frames: int, crop: int, patch: int) -> list[tuple[int, int]]:
-    """``[start, end)`` of the chunks a clip of ``frames`` frames is scored in (the first is never dropped)."""
-    bounds = [(start, min(start + crop, frames)) for start in range(0, frames, crop)]
-    return [b for k, b in enumerate(bounds) if k == 0 or b[1] - b[0] >= patch]
+from m2d2.models.chunks import split_chunks
+from m2d2.models.tagger import FineTuneModel
 
 
 @torch.no_grad()
@@ -32,22 +27,20 @@ def clip_logits(model: FineTuneModel, store: LogMelStore, clips: Sequence[int] |
     was_training = model.training
     model.eval()
     try:
-        chunks: list[tuple[int, np.ndarray]] = []
+        # Chunks trimmed to their whole patches (all the encoder reads) and batched by length: one length a batch.
+        # They stay on the CPU (an eval set need not fit the accelerator); each batch moves on its own.
+        by_length: dict[int, list[tuple[int, torch.Tensor]]] = {}
         for row, clip in enumerate(clips):
-            lms = store[clip]
-            for start, end in chunk_bounds(lms.shape[-1], crop, patch):
-                chunks.append((row, lms[:, start:end]))
+            x = model.normalize(torch.from_numpy(store[clip]).to(device)).cpu()
+            for chunk in split_chunks(x, crop, patch):
+                used = chunk.shape[-1] // patch * patch
+                by_length.setdefault(used, []).append((row, chunk[..., :used]))
         sums = torch.zeros(len(clips), model.head.linear.out_features, dtype=torch.float64)
         counts = torch.zeros(len(clips), 1, dtype=torch.float64)
-        # Batch chunks of equal length together: the encoder takes one length per batch.
-        by_length: dict[int, list[tuple[int, np.ndarray]]] = {}
-        for row, chunk in chunks:
-            by_length.setdefault(chunk.shape[-1], []).append((row, chunk))
         for group in by_length.values():
             for i in range(0, len(group), batch_size):
                 part = group[i : i + batch_size]
-                lms = torch.from_numpy(np.stack([c for _, c in part])).to(device)
-                logits = model.predict(lms).double().cpu()
+                logits = model.predict_normalized(torch.stack([c for _, c in part]).to(device)).double().cpu()
                 rows = torch.tensor([r for r, _ in part])
                 sums.index_add_(0, rows, logits)
                 counts.index_add_(0, rows, torch.ones(len(part), 1, dtype=torch.float64))

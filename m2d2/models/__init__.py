@@ -1,4 +1,6 @@
-"""M2D2 model core: ViT audio encoder, M2D heads (predictor, EMA target), CLAP branch, configs."""
+"""M2D2 model core: ViT audio encoder, M2D heads (predictor, EMA target), CLAP branch, configs; the chunking rule
+(:mod:`m2d2.models.chunks`) and the stage-1.1 tagger (:mod:`m2d2.models.tagger`) live beside it. Imports no
+text, training or evaluation module: a stage-1 model gets caption vectors from its caller (:data:`TextEmbedder`)."""
 
 from m2d2.models.clap import AudioProjector, ClipLoss, scale_grad
 from m2d2.models.config import (
@@ -15,7 +17,7 @@ from m2d2.models.config import (
 from m2d2.models.encoder import AudioEncoder
 from m2d2.models.m2d import Predictor, TargetEncoder, ema_decay, norm_mse_loss
 from m2d2.models.masking import PatchMask, no_mask, random_structured_mask, random_unstructured_mask
-from m2d2.models.model import M2D2, TRAINABLE
+from m2d2.models.model import M2D2, TRAINABLE, TextEmbedder
 
 __all__ = [
     "TRAINABLE",
@@ -34,6 +36,7 @@ __all__ = [
     "ProjectorConfig",
     "TargetEncoder",
     "TextConfig",
+    "TextEmbedder",
     "TransformersTextConfig",
     "ema_decay",
     "no_mask",

@@ -5,10 +5,10 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from m2d2.models.chunks import split_chunks
 from m2d2.models.config import EncoderConfig
 from m2d2.models.pos_embed import sincos_2d, truncate_time
 
@@ -108,16 +108,12 @@ class AudioEncoder(nn.Module):
     def encode_chunks(self, lms: torch.Tensor) -> list[torch.Tensor]:
         """Encode any length by non-overlapping chunks of the trained length (no interpolation), as the reference.
 
-        The input is right-padded with 0 (the normalised mean) to a whole number of patches, then split into
-        chunks of ``input_frames``; each chunk encodes its whole patches (a 1001-frame chunk: 62 columns, its
-        last 9 frames unused, so 10 s gives 62 frames) and the last, shorter chunk uses truncated positions.
+        The chunks are those of :mod:`m2d2.models.chunks` (patch-padded with 0, the normalised mean); each chunk
+        encodes its whole patches (a 1001-frame chunk: 62 columns, its last 9 frames unused, so 10 s gives 62
+        frames) and the last, shorter chunk uses truncated positions.
         Returns patch tokens ``[B, F*t_i, D]`` per chunk, CLS dropped.
         """
-        frames = lms.shape[-1]
-        padded = -(-frames // self.patch_frames) * self.patch_frames
-        lms = F.pad(lms, (0, padded - frames))
-        chunks = [c for c in lms.split(self.chunk_frames, dim=-1) if c.shape[-1] >= self.patch_frames]
-        return [self.forward(chunk)[:, 1:] for chunk in chunks]
+        return [self.forward(chunk)[:, 1:] for chunk in split_chunks(lms, self.chunk_frames, self.patch_frames)]
 
     def tokens_to_frames(self, tokens: torch.Tensor) -> torch.Tensor:
         """``[B, F*t, D]`` frequency-major tokens -> ``[B, t, F*D]`` frame features (paper eq. 2)."""

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -39,6 +40,10 @@ TRAINABLE: dict[str, tuple[str, ...]] = {
     "stage1": ("encoder", "predictor", "audio_proj", "text_proj", "logit_scale"),
     "stage2": ("audio_proj", "text_encoder", "text_proj", "logit_scale"),
 }
+#: Raw sentence vectors ``[B, D_text]`` of captions (a sentence encoder, a cache lookup). How a stage-1
+#: (offline-text) model embeds strings: the caller supplies one (:func:`m2d2.inference.load_pretrained` attaches the
+#: configured encoder), so this package never loads a sentence encoder itself.
+TextEmbedder = Callable[[list[str]], torch.Tensor]
 
 
 class M2D2(nn.Module):
@@ -49,7 +54,8 @@ class M2D2(nn.Module):
     (frozen encoder, fresh projector, trainable transformers text encoder, CLAP only).
 
     Inference (16 kHz float waveforms ``[B, S]``, any length): :meth:`encode_frames`, :meth:`encode_clip`,
-    :meth:`encode_clap_audio`, :meth:`encode_clap_text`. Wrap calls in ``torch.inference_mode()``.
+    :meth:`encode_clap_audio`, :meth:`encode_clap_text`. Wrap calls in ``torch.inference_mode()``. Caption strings
+    of a stage-1 model need a :data:`TextEmbedder` (:meth:`set_text_embedder`; :mod:`m2d2.inference` sets one).
     """
 
     def __init__(self, config: M2D2Config, *, with_m2d: bool = True, pretrained_root: str | None = None):
@@ -72,7 +78,7 @@ class M2D2(nn.Module):
         self.target = TargetEncoder(config.encoder) if with_m2d else None
         self.clip_loss = ClipLoss(config.clap.local_loss, config.clap.feature_grad_scale)
         self.stage: Stage = "stage1" if config.text.mode == "offline" else "stage2"
-        self._offline_text = None  # lazily loaded for encode_clap_text(list[str]) in stage 1; never stored
+        self.set_text_embedder(None)
         self.pretrained_root = pretrained_root  # relative text-model paths of an export resolve here
 
     def _make_text_proj(self, text_dim: int) -> nn.Module:
@@ -116,7 +122,7 @@ class M2D2(nn.Module):
             self.logit_scale.fill_(self.config.clap.logit_scale_init)
         self.predictor = None
         self.target = None
-        self._offline_text = None
+        self.set_text_embedder(None)
         self.set_stage("stage2")
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -286,16 +292,21 @@ class M2D2(nn.Module):
             raise TypeError("encode_clap_text takes a list of captions, not a single string")
         if self.text_encoder is not None:
             return self.text_proj(self.text_encoder(text))
-        return self.text_proj(self._offline_encoder().encode(list(text)).to(self.logit_scale.device))
+        if self.text_embedder is None:
+            raise RuntimeError("this stage-1 model embeds captions with an offline sentence encoder, which m2d2.models "
+                               "does not load: pass sentence vectors, load the model with "
+                               "m2d2.inference.load_pretrained, or call set_text_embedder first")
+        return self.text_proj(self.text_embedder(list(text)).to(self.logit_scale.device))
 
-    def _offline_encoder(self):
-        if self._offline_text is None:
-            from m2d2.text import OfflineTextEncoder
+    @property
+    def text_embedder(self) -> TextEmbedder | None:
+        """What turns caption strings into sentence vectors in stage 1 (None in stage 2, or until one is set)."""
+        return self.__dict__["_text_embedder"]
 
-            # a relative encoder path in an export's config belongs to the export's directory, never to the cwd
-            self._offline_text = OfflineTextEncoder(self.config.text.offline, device=self.logit_scale.device,
-                                                    base_dir=self.pretrained_root)
-        return self._offline_text
+    def set_text_embedder(self, embedder: TextEmbedder | None) -> None:
+        """Use ``embedder`` for caption strings in stage 1. Kept outside the module tree, so it is never part of the
+        weights, ``.to()`` or a checkpoint, even when it is an ``nn.Module``."""
+        self.__dict__["_text_embedder"] = embedder
 
     # ------------------------------------------------------------------ persistence
     def inference_state_dict(self) -> dict[str, torch.Tensor]:

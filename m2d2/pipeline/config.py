@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from m2d2 import io
 from m2d2.config import from_dict
 from m2d2.presets import PRESETS, stage_config
+from m2d2.text.prompt import PROMPT_TEMPLATE
 from m2d2.train.config import TrainStageConfig
 
-PROMPT_TEMPLATE = "{} can be heard"
 CAPTION_BATCH = 64  # captions per embedding batch (plan_shards' default)
 CAPTION_TOKENS_PER_ROW = 512  # padded tokens per caption that a batch may average: the embedding batch's budget
 

@@ -4,7 +4,7 @@ Clips carry several captions (Clotho 5, AudioCaps 1, Auto-ACD + a "The sound of 
 reference pooled every caption of every source and drew from the pool, so a clip with five captions was drawn
 five times as often. Here a clip is the unit: the epoch order draws clips (:func:`clip_weights` sets how much a
 clip's caption count may raise its odds, none by default), and each time a clip is drawn one of its captions is
-chosen (:func:`choose_caption`), as a pure function of ``(seed, epoch, index)`` like the crops in
+chosen (:func:`choose_caption`) from the generator of the item's ``(seed, epoch, index)`` that drew its crop in
 :mod:`m2d2.data.loader`, so resumed runs and any number of DataLoader workers pick the same captions.
 """
 
@@ -14,19 +14,18 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-CAPTION_STREAM = 0x0CA9  # separates the caption draw from the crop draw of the same (seed, epoch, index)
 
-
-def choose_caption(n_options: int, seed: int, epoch: int, index: int,
+def choose_caption(n_options: int, rng: np.random.Generator,
                    weights: Sequence[float] | np.ndarray | None = None) -> int:
-    """Index (``0 <= i < n_options``) of the caption item ``index`` uses in ``epoch``.
+    """Index (``0 <= i < n_options``) of the caption a training item uses, drawn from ``rng``.
 
-    ``weights`` (relative, one per caption, e.g. human captions above generated ones) default to uniform.
-    Independent of every other random draw, so changing how crops are drawn does not change the captions.
+    The loader passes the item's generator (``default_rng([seed, epoch, index])``) right after the crop start is
+    drawn from it (only for a clip longer than the crop), which keeps every caption trained so far: a different
+    stream would change them. ``weights`` (relative, one per caption, e.g. human captions above generated ones)
+    default to uniform, one ``integers`` draw.
     """
     if n_options < 1:
         raise ValueError("a clip needs at least one caption")
-    rng = np.random.default_rng([seed, epoch, index, CAPTION_STREAM])
     if weights is None:
         return int(rng.integers(0, n_options))
     w = np.asarray(weights, dtype=np.float64)

@@ -21,8 +21,9 @@ from torch import nn
 
 from m2d2 import io
 from m2d2.models import M2D2, PatchMask
+from m2d2.models.tagger import FineTuneModel
 from m2d2.train.config import TrainStageConfig
-from m2d2.train.finetune import FineTuneModel, mixup_batch
+from m2d2.train.finetune import mixup_batch
 
 EXPORT_DIR = "model"
 CLASSIFIER_DIR = "classifier"

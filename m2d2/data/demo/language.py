@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from m2d2.text.prompt import PROMPT_TEMPLATE
+
 Rng = np.random.Generator
 
 _NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
@@ -36,7 +38,7 @@ COUNT_WORD_RE = re.compile(r"\b(one|two|three|four|five|six|seven|eight|nine|ten
 
 def zero_shot_prompt(label: str) -> str:
     """The zero-shot classification prompt for ``label``; training captions never contain its ``can be heard``."""
-    return f"{label} can be heard"
+    return PROMPT_TEMPLATE.format(label)
 
 
 def pick(rng: Rng, options: Sequence[str]) -> str:
