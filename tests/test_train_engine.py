@@ -112,9 +112,10 @@ from m2d2.tracking import start_pipeline_run
 raw = json.loads(sys.argv[1])
 cfg = from_dict(PipelineConfig, raw)
 parent = start_pipeline_run("elastic-test")
-result = stage1(cfg=cfg, workspace=workspace_token(cfg.data_root), features=Artifact(path=_out({str(features)!r}), mlflow_run_id=""),
-                captions=Artifact(path=_out({str(captions.parent)!r}), mlflow_run_id=""), parent_run_id=parent)
-print("RESULT", json.dumps({{"steps": result.steps, "model": str(result.model.path), "run": result.mlflow_run_id}}))
+result = stage1(section=cfg.stage1, workspace=workspace_token(cfg.data_root),
+                features=Artifact(path=_out({str(features)!r}), mlflow_run_id=""),
+                source=Artifact(path=_out({str(captions.parent)!r}), mlflow_run_id=""), run_key="", parent_run_id=parent)
+print("RESULT", json.dumps({{"steps": result.steps, "model": str(result.path.path), "run": result.mlflow_run_id}}))
 """
     env = subprocess_env(M2D2_NPROC_PER_NODE="2", OMP_NUM_THREADS="1",
                          MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
