@@ -103,6 +103,21 @@ def tiny_bert(hidden: int = 64) -> TransformersTextConfig:
     )
 
 
+@pytest.fixture(scope="session")
+def tiny_stage2_export(tmp_path_factory) -> str:
+    """A tiny stage-2 export (72-frame encoder, 1-layer BERT): the model the inference and CLI tests load."""
+    import torch
+
+    from m2d2.models import M2D2
+
+    torch.manual_seed(0)
+    model = M2D2(tiny_config(input_frames=72), with_m2d=False)
+    model.start_stage2(tiny_bert(hidden=64))
+    path = tmp_path_factory.mktemp("stage2-export") / "model"
+    model.save_pretrained(str(path))
+    return str(path)
+
+
 @pytest.fixture
 def tiny() -> M2D2Config:
     return tiny_config()

@@ -6,14 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 import torch.nn.functional as F
-from conftest import tiny_bert, tiny_config
 
 from m2d2 import cli
 from m2d2.audio import DEFAULT_MAX_CHANNELS, DEFAULT_MAX_FILE_MB, load_audio
 from m2d2.inference import SEARCH_MAX_SECONDS, Embedder, search_folder
-from m2d2.models import M2D2
 
 SR = 16000
 
@@ -21,13 +18,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    model = M2D2(tiny_config(input_frames=72), with_m2d=False)
-    model.start_stage2(tiny_bert(hidden=64))
-    path = tmp_path_factory.mktemp("cli-bad-input") / "model"
-    model.save_pretrained(str(path))
-    return str(path)
+def export(tiny_stage2_export) -> str:
+    return tiny_stage2_export
 
 
 @pytest.fixture(scope="module")

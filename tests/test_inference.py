@@ -13,7 +13,6 @@ import pytest
 import soundfile as sf
 import torch
 import torch.nn.functional as F
-from conftest import tiny_bert, tiny_config
 
 from m2d2 import cli
 from m2d2.inference import (
@@ -25,7 +24,6 @@ from m2d2.inference import (
     load_model,
     search_folder,
 )
-from m2d2.models import M2D2
 
 SR = 16000
 
@@ -34,13 +32,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    model = M2D2(tiny_config(input_frames=72), with_m2d=False)
-    model.start_stage2(tiny_bert(hidden=64))
-    path = tmp_path_factory.mktemp("inference") / "model"
-    model.save_pretrained(str(path))
-    return str(path)
+def export(tiny_stage2_export) -> str:
+    return tiny_stage2_export
 
 
 @pytest.fixture(scope="module")

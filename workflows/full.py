@@ -27,6 +27,7 @@ from flytekit.types.structured import StructuredDataset
 from flytekitplugins.kfpytorch import Elastic
 
 from m2d2.pipeline import PipelineConfig
+from m2d2.pipeline.runner import Registration  # a task output as the library returns it
 from m2d2.shards import ShardRef
 from m2d2.train.config import TrainStageConfig
 
@@ -115,16 +116,6 @@ class Artifact:
     steps: int = 0
     final_loss: float | None = None  # None: not a training stage
     metrics: dict[str, float] = field(default_factory=dict)  # the stage's own evaluation (stage 1.1: tagging mAP)
-
-
-@dataclass
-class Registration:
-    """The MLflow model version of this execution's final model, and whether it became the champion."""
-
-    model_uri: str
-    version: str
-    promoted: bool
-    reason: str
 
 
 def _is_local() -> bool:
@@ -380,9 +371,7 @@ def register(cfg: PipelineConfig, workspace: str, final: Artifact, evaluation: A
     from m2d2.pipeline import rooted
     from m2d2.pipeline.runner import register_step
 
-    result = register_step(rooted(cfg, workspace), _step(final), _step(evaluation))
-    return Registration(model_uri=result.model_uri, version=result.version, promoted=result.promoted,
-                        reason=result.reason)
+    return register_step(rooted(cfg, workspace), _step(final), _step(evaluation))
 
 
 @cpu_task("small")
@@ -393,14 +382,11 @@ def finish_tracking(cfg: PipelineConfig, workspace: str, parent_run_id: str, out
     Writes ``<data_root>/summaries/<parent run>.json`` and ``<data_root>/latest-summary.json`` (``m2d2 summary``),
     credentials masked.
     """
-    from dataclasses import asdict
-
     from m2d2.pipeline import rooted
-    from m2d2.pipeline.runner import Registration as Record
     from m2d2.pipeline.runner import finish
 
     path = finish(rooted(cfg, workspace), parent_run_id, {k: _step(v) for k, v in outputs.items()},
-                  _step(evaluation), Record(**asdict(registration)))
+                  _step(evaluation), registration)
     return FlyteFile(str(path.resolve()), remote_path=False if _is_local() else None)
 
 
