@@ -49,9 +49,9 @@ class Assumptions:
     nvlink_busbw_gbs: float = 350.0
     internode_busbw_gbs: float = 40.0
     mfu_stage1: float = 0.35
-    mfu_stage11: float = 0.25
+    mfu_stage1_1: float = 0.25
     mfu_stage2: float = 0.30
-    mfu_stage21: float = 0.30
+    mfu_stage2_1: float = 0.30
     mfu_captions: float = 0.40
     half_efficiency_micro: int = 16
     grad_comm_bytes: int = 2
@@ -88,10 +88,10 @@ NOTES: dict[str, tuple[str, str]] = {
     "internode_busbw_gbs": ("GB/s per GPU", "across nodes: 8 x 400 Gb/s NICs per node at ~80 % (ring all-reduce)"),
     "mfu_stage1": ("of peak", "stage 1 at micro 512, compiled blocks; issue 9's bar (>= 50 % of a measured bf16 GEMM "
                    "ceiling) is about this"),
-    "mfu_stage11": ("of peak", "stage 1.1: batch 64 on one GPU, LARS in DeepSpeed's unfused wrapper, mixup and "
+    "mfu_stage1_1": ("of peak", "stage 1.1: batch 64 on one GPU, LARS in DeepSpeed's unfused wrapper, mixup and "
                     "SpecAugment eager"),
     "mfu_stage2": ("of peak", "stage 2: frozen encoder forward + projector + BERT (eager, not compiled)"),
-    "mfu_stage21": ("of peak", "stage 2.1: as stage 2 without masking"),
+    "mfu_stage2_1": ("of peak", "stage 2.1: as stage 2 without masking"),
     "mfu_captions": ("of peak", "7-B decoder forward in bf16 over length-bucketed batches"),
     "half_efficiency_micro": ("samples", "micro-batch at which a GPU reaches half its large-batch efficiency: "
                               "rate(m) ~ m / (m + this)"),
@@ -244,10 +244,10 @@ def recipes(a: Assumptions) -> dict[str, StageRecipe]:
     return {
         "stage1": StageRecipe("stage1", 2_532_215, *_shape(s1), 512, 608, a.mfu_stage1, stage1_s),
         "stage1.1": StageRecipe("stage1.1", s11.data.samples_per_epoch, *_shape(s11), 64, s11.data.crop_frames,
-                                a.mfu_stage11, a.audioset_clips * a.short_clip_s),
+                                a.mfu_stage1_1, a.audioset_clips * a.short_clip_s),
         "stage2": StageRecipe("stage2", stage2_clips, *_shape(s2), 512, s2.data.crop_frames, a.mfu_stage2,
                               stage1_s + (stage2_clips - 2_532_215) * a.short_clip_s),
-        "stage2.1": StageRecipe("stage2.1", 439_743, *_shape(s21), 512, s21.data.crop_frames, a.mfu_stage21,
+        "stage2.1": StageRecipe("stage2.1", 439_743, *_shape(s21), 512, s21.data.crop_frames, a.mfu_stage2_1,
                                 439_743 * a.subset21_mean_s),
     }
 

@@ -212,16 +212,21 @@ def cmd_summary(args: argparse.Namespace) -> int:
     k = int(metrics.get("num_classes", 0))
     print(f"zero-shot accuracy on {int(metrics.get('num_eval_clips', 0))} eval clips, {k} classes "
           f"(chance {1 / k if k else float('nan'):.3f}):")
-    for stage, baseline in (("stage1", "stage1"), ("stage2", "stage2"), ("stage21", "stage2")):
-        if f"{stage}/zs_acc" not in metrics:
+    from m2d2.pipeline.registry import STAGES
+
+    for stage in STAGES:
+        name, baseline = stage.name, stage.baseline
+        if f"{name}/zs_acc" not in metrics or f"{baseline}_baseline/zs_acc" not in metrics:
             continue
         base, std = metrics[f"{baseline}_baseline/zs_acc"], metrics.get(f"{baseline}_baseline/zs_acc_std", 0.0)
-        print(f"  {stage:8s} {metrics[f'{stage}/zs_acc']:.3f}   random-init baseline {base:.3f} ± {std:.3f}   "
-              f"text->audio R@1 {metrics[f'{stage}/t2a_R1']:.3f} "
+        print(f"  {name:8s} {metrics[f'{name}/zs_acc']:.3f}   random-init baseline {base:.3f} ± {std:.3f}   "
+              f"text->audio R@1 {metrics[f'{name}/t2a_R1']:.3f} "
               f"(baseline {metrics[f'{baseline}_baseline/t2a_R1']:.3f})")
-    if "stage11/mAP" in metrics:
-        print(f"stage 1.1 tagging mAP {metrics['stage11/mAP']:.3f} (chance {metrics['stage11/mAP_chance']:.3f})")
-    models = [summary[k] for k in ("stage1_model", "stage11_model", "stage2_model", "stage21_model") if k in summary]
+    for stage in STAGES:
+        if f"{stage.name}/mAP" in metrics:
+            print(f"{stage.title or stage.name} tagging mAP {metrics[f'{stage.name}/mAP']:.3f} "
+                  f"(chance {metrics[f'{stage.name}/mAP_chance']:.3f})")
+    models = [summary[f"{s.name}_model"] for s in STAGES if f"{s.name}_model" in summary]
     print("models: " + "\n        ".join(models))
     if "final/probe_acc" in metrics:
         print(f"final model: linear probe {metrics['final/probe_acc']:.3f}, report {summary.get('report')}")

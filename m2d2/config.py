@@ -1,7 +1,7 @@
 """Strict conversion between nested config dataclasses and plain data (dicts, JSON, YAML files).
 
 One loader for every config class (model, training stages, pipeline): a key the dataclass does not have, or a
-value of the wrong type, is an error that names the key by its dotted path (``stage2.optim.lrr: unknown key;
+value of the wrong type, is an error that names the key by its dotted path (``stages.stage2.optim.lrr: unknown key;
 known: ...``), so a typo in a file never passes silently as a default. Supported field types are the ones the
 configs use: ``bool``/``int``/``float``/``str``, ``Literal[...]``, ``X | None``, ``list[...]``, ``tuple[...]``,
 ``dict[..., ...]``, ``Any`` and nested dataclasses. No project imports here: every layer may use it.
@@ -42,7 +42,8 @@ def from_dict(cls: type[T], data: Mapping[str, Any], base: T | None = None, path
 
     Keys missing from ``data`` take ``base``'s values when a ``base`` instance is given, else the dataclass defaults.
     A mapping given for a nested dataclass overlays that section of ``base`` (or of the field's default), so
-    ``{"stage1": {"schedule": {"max_steps": 2}}}`` changes one number of the default stage 1 and keeps the rest.
+    ``{"stages": {"stage1": {"schedule": {"max_steps": 2}}}}`` changes one number of the default stage 1 and keeps the
+rest (a dict of config sections overlays its entries the same way).
     ``path`` prefixes error messages.
     """
     if not isinstance(data, Mapping):
@@ -188,7 +189,7 @@ def _convert(hint: Any, value: Any, where: str, base: Any = None) -> Any:
             return from_dict(hint, value, base=base if isinstance(base, hint) else None, path=where)
         raise ConfigError(f"{where}: expected a mapping of {hint.__name__} keys, got {type(value).__name__}")
     if origin in (list, tuple, dict):
-        return _convert_container(origin, args, value, where)
+        return _convert_container(origin, args, value, where, base)
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
@@ -210,13 +211,19 @@ def _convert(hint: Any, value: Any, where: str, base: Any = None) -> Any:
     raise ConfigError(f"{where}: expected {_name(hint)}, got {value!r}")
 
 
-def _convert_container(origin: type, args: tuple, value: Any, where: str) -> Any:
+def _convert_container(origin: type, args: tuple, value: Any, where: str, base: Any = None) -> Any:
     if origin is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
         key_type, value_type = args or (Any, Any)
-        return {_convert(key_type, k, f"{where}.{k}"): _convert(value_type, v, f"{where}.{k}")
-                for k, v in value.items()}
+        # A mapping of config sections (PipelineConfig.stages) overlays its base entry by entry, as a nested
+        # dataclass does: {"stages": {"stage2.1": {"schedule": {"epochs": 1}}}} keeps every other stage and key.
+        # Any other dict (e.g. a Hugging Face model config) is replaced whole.
+        overlay = dataclasses.is_dataclass(value_type) and isinstance(base, Mapping)
+        converted = {_convert(key_type, k, f"{where}.{k}"):
+                     _convert(value_type, v, f"{where}.{k}", base.get(k) if overlay else None)
+                     for k, v in value.items()}
+        return {**copy.deepcopy(dict(base)), **converted} if overlay else converted
     if not isinstance(value, list | tuple):
         raise ConfigError(f"{where}: expected a list, got {value!r}")
     if origin is list:

@@ -70,13 +70,10 @@ def stage_config(stage: str, name: str) -> TrainStageConfig:
 
 def pipeline_config(name: str, **changes: Any) -> PipelineConfig:
     """The pipeline of preset ``name`` (its stages included), with ``changes`` applied as
-    :func:`m2d2.config.merge` does (a mapping overlays a section: ``stage1={"schedule": {"max_steps": 2}}``)."""
-    from m2d2.pipeline.config import PipelineConfig
+    :func:`m2d2.config.merge` does (a mapping overlays a section: ``stages={"stage1": {"schedule": {"max_steps": 2}}}``)."""
+    from m2d2.pipeline.config import PipelineConfig, default_stages
 
-    recipe = _recipe(name)
-    stages = recipe.stages()
-    cfg = merge(PipelineConfig(preset=name, stage1=stages["stage1"], stage11=stages["stage1.1"],
-                               stage2=stages["stage2"], stage21=stages["stage2.1"]), recipe.pipeline())
+    cfg = merge(PipelineConfig(preset=name, stages=default_stages(name)), _recipe(name).pipeline())
     return merge(cfg, changes) if changes else cfg
 
 
@@ -95,8 +92,8 @@ def _recipe(name: str) -> _Recipe:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
 
 
-def _stages(stage1, stage11, stage2, stage21) -> dict[str, TrainStageConfig]:
-    return dict(zip(STAGES, (stage1, stage11, stage2, stage21), strict=True))
+def _stages(*configs: TrainStageConfig) -> dict[str, TrainStageConfig]:
+    return dict(zip(STAGES, configs, strict=True))
 
 
 # -- paper
@@ -110,7 +107,7 @@ def _paper_stages() -> dict[str, TrainStageConfig]:
     # Stage 1.1 = the reference's AudioSet fine-tuning (nttcslab/m2d util/ft-as2m.sh): LARS lr 2.0 at batch 64
     # (timm Lars, wd 0, no gradient clipping), 70 epochs of 200 k class-balanced clips drawn without replacement,
     # 15 warm-up, cosine to 1e-7, mixup 0.5, SpecAugment 30/192, structured patch-out 0.5, 608 -> 1001 frames.
-    stage11 = TrainStageConfig(
+    stage1_1 = TrainStageConfig(
         stage="stage1.1", model="paper",
         data=DataConfig(crop_frames=1001, balanced_sampling=True, samples_per_epoch=200_000, num_workers=8),
         optim=OptimConfig(name="lars", base_lr=2.0 * 256 / 64, min_lr=1e-7, weight_decay=0.0, momentum=0.9,
@@ -124,9 +121,9 @@ def _paper_stages() -> dict[str, TrainStageConfig]:
                               schedule=ScheduleConfig(epochs=30, warmup_epochs=5, global_batch=2048))
     # Stage 2.1: stage 2's recipe continued from its weights (a new optimiser and schedule, as the reference's
     # --finetune), no masking, on WavCaps + AudioCaps + Clotho (source names of the dataset adapters).
-    stage21 = stage2.replace(stage="stage2.1", augment={"mask_ratio": 0.0},
+    stage2_1 = stage2.replace(stage="stage2.1", augment={"mask_ratio": 0.0},
                              data={"sources": ["wavcaps", "audiocaps", "clotho"]})
-    return _stages(stage1, stage11, stage2, stage21)
+    return _stages(stage1, stage1_1, stage2, stage2_1)
 
 
 def _paper_pipeline() -> dict[str, Any]:
@@ -146,7 +143,7 @@ def _demo_stages() -> dict[str, TrainStageConfig]:
     # steps at lr 0.1. The 208-frame encoder grows to 256 frames, not by the paper's ratio (to 343): the demo's
     # shortest clips are 2.6 s, and longer crops would train on padding that evaluation never sees. The time mask
     # scales with the crop (192 x 256 / 1001 = 48).
-    stage11 = TrainStageConfig(
+    stage1_1 = TrainStageConfig(
         stage="stage1.1", model="demo", log_every=5,
         data=DataConfig(crop_frames=256, balanced_sampling=True),
         optim=OptimConfig(name="lars", base_lr=0.1 * 256 / 32, min_lr=1e-7, weight_decay=0.0, grad_clip=None),
@@ -158,9 +155,9 @@ def _demo_stages() -> dict[str, TrainStageConfig]:
                               schedule=ScheduleConfig(epochs=8, warmup_epochs=0.5, global_batch=32))
     # Stage 2.1: the demo has one source, so its "curated" subset is the clips with 3 captions (as AudioCaps and
     # Clotho carry 5 human captions against WavCaps' one), about half the corpus; 3 epochs, no masking.
-    stage21 = stage2.replace(stage="stage2.1", schedule={"epochs": 3, "warmup_epochs": 0.5},
+    stage2_1 = stage2.replace(stage="stage2.1", schedule={"epochs": 3, "warmup_epochs": 0.5},
                              augment={"mask_ratio": 0.0}, data={"min_captions": 3})
-    return _stages(stage1, stage11, stage2, stage21)
+    return _stages(stage1, stage1_1, stage2, stage2_1)
 
 
 # -- smoke

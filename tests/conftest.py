@@ -126,14 +126,15 @@ def tiny() -> M2D2Config:
 @pytest.fixture(scope="session")
 def smoke_data(tmp_path_factory):
     """The smoke preset's corpus, log-mel store and caption cache, built once per test session."""
-    from m2d2.pipeline import build_caption_cache, build_corpus, build_features
+    from m2d2.pipeline import build_caption_cache, build_corpus, build_features, step_settings
     from m2d2.presets import pipeline_config
 
     root = tmp_path_factory.mktemp("smoke-data")
     cfg = pipeline_config("smoke", data_root=str(root))
-    corpus = build_corpus(cfg)
-    features, _ = build_features(cfg, corpus)
-    captions, _ = build_caption_cache(cfg, corpus)
+    settings = step_settings(cfg)
+    corpus = build_corpus(settings.corpus, cfg.data_root)
+    features, _ = build_features(settings.features, cfg.data_root, corpus)
+    captions, _ = build_caption_cache(settings.captions, cfg.data_root, corpus)
     return cfg, features, captions
 
 

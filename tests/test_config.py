@@ -15,7 +15,7 @@ from conftest import subprocess_env
 from m2d2 import presets
 from m2d2.config import ConfigError, dumps, from_dict, load, loads, merge
 from m2d2.models import M2D2Config
-from m2d2.pipeline import STAGE_FIELDS, PipelineConfig
+from m2d2.pipeline import PipelineConfig
 from m2d2.train.config import STAGES, DataConfig, OptimConfig, ScheduleConfig, TrainStageConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,8 +28,7 @@ def test_every_preset_round_trips_through_yaml_json_and_asdict(name):
     assert loads(dumps(cfg, "yaml"), PipelineConfig) == cfg
     assert loads(dumps(cfg, "json"), PipelineConfig, fmt="json") == cfg
     assert PipelineConfig.from_json(json.dumps(dataclasses.asdict(cfg))) == cfg  # what a test or a user writes
-    for field, stage in STAGE_FIELDS.items():  # any section on its own
-        section = getattr(cfg, field)
+    for stage, section in cfg.stages.items():  # any section on its own
         assert section.stage == stage and loads(dumps(section), TrainStageConfig) == section
         assert loads(dumps(section.optim), OptimConfig) == section.optim
     model = presets.model_config(name)
@@ -49,24 +48,30 @@ def test_files_load_by_suffix(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- strictness
 @pytest.mark.parametrize(("data", "message"), [
-    ({"stage2": {"optim": {"lrr": 1e-4}}},
-     "stage2.optim.lrr: unknown key; known: name, base_lr, min_lr, beta1, beta2, momentum, weight_decay, grad_clip"),
+    ({"stages": {"stage2": {"optim": {"lrr": 1e-4}}}},
+     "stages.stage2.optim.lrr: unknown key; known: name, base_lr, min_lr, beta1, beta2, momentum, weight_decay, grad_clip"),
     ({"experimnet": "x"}, "experimnet: unknown key; known: preset, data_root,"),
-    ({"stage1": {"schedule": {"epochs": "ten"}}}, "stage1.schedule.epochs: expected an integer, got 'ten'"),
-    ({"stage1": {"schedule": {"epochs": 10.5}}}, "stage1.schedule.epochs: expected an integer, got 10.5"),
-    ({"stage1": {"enabled": "yes"}}, "stage1.enabled: expected true or false, got 'yes'"),
-    ({"stage21": {"data": {"sources": "wavcaps,clotho"}}}, "stage21.data.sources: expected a list, got 'wavcaps,clotho'"),
-    ({"stage21": {"data": {"sources": ["wavcaps", 3]}}}, r"stage21.data.sources\[1\]: expected a string, got 3"),
-    ({"stage11": {"optim": {"name": "adam"}}}, "stage11.optim.name: 'adam' is not one of 'adamw', 'lars', 'sgd'"),
-    ({"stage1": {"topology": {"zero_stage": 3}}}, "stage1.topology.zero_stage: 3 is not one of 0, 1, 2"),
-    ({"stage1": {"topology": {"zero_stage": True}}}, "stage1.topology.zero_stage: True is not one of 0, 1, 2"),
-    ({"stage1": {"topology": {"precision": "fp16"}}}, "stage1.topology.precision: 'fp16' is not one of"),
-    ({"stage1": {"optim": {"grad_clip": "none"}}}, "stage1.optim.grad_clip: expected a number, got 'none'"),
-    ({"stage1": {"schedule": 3}}, "stage1.schedule: expected a mapping of ScheduleConfig keys, got int"),
-    ({"stage1": {"schedule": {"global_batch": 0}}}, "stage1.schedule: global_batch=0: must be >= 1"),
-    ({"stage2": {"augment": {"mask_ratio": 1.5}}}, r"stage2.augment: mask_ratio=1.5: must be in \[0, 1\)"),
-    ({"stage1": {"model": "huge"}}, "stage1.model='huge': choose one of paper, demo, smoke"),
-    ({"stage2": {"stage": "stage1"}}, "stage2 holds a 'stage1' config; it must be 'stage2'"),
+    ({"stages": {"stage1": {"schedule": {"epochs": "ten"}}}}, "stages.stage1.schedule.epochs: expected an integer, got 'ten'"),
+    ({"stages": {"stage1": {"schedule": {"epochs": 10.5}}}}, "stages.stage1.schedule.epochs: expected an integer, got 10.5"),
+    ({"stages": {"stage1": {"enabled": "yes"}}}, "stages.stage1.enabled: expected true or false, got 'yes'"),
+    ({"stages": {"stage2.1": {"data": {"sources": "wavcaps,clotho"}}}},
+     "stages.stage2.1.data.sources: expected a list, got 'wavcaps,clotho'"),
+    ({"stages": {"stage2.1": {"data": {"sources": ["wavcaps", 3]}}}},
+     r"stages.stage2.1.data.sources\[1\]: expected a string, got 3"),
+    ({"stages": {"stage1.1": {"optim": {"name": "adam"}}}},
+     "stages.stage1.1.optim.name: 'adam' is not one of 'adamw', 'lars', 'sgd'"),
+    ({"stages": {"stage3": {"stage": "stage2"}}}, "stages.stage3: unknown stage; the pipeline's stages are stage1, "
+                                                   "stage1.1, stage2, stage2.1"),
+    ({"stages": {"stage2.1": {"stage": "stage2"}}}, "stages.stage2.1 holds a 'stage2' config; it must be 'stage2.1'"),
+    ({"stages": {"stage1": {"topology": {"zero_stage": 3}}}}, "stages.stage1.topology.zero_stage: 3 is not one of 0, 1, 2"),
+    ({"stages": {"stage1": {"topology": {"zero_stage": True}}}}, "stages.stage1.topology.zero_stage: True is not one of 0, 1, 2"),
+    ({"stages": {"stage1": {"topology": {"precision": "fp16"}}}}, "stages.stage1.topology.precision: 'fp16' is not one of"),
+    ({"stages": {"stage1": {"optim": {"grad_clip": "none"}}}}, "stages.stage1.optim.grad_clip: expected a number, got 'none'"),
+    ({"stages": {"stage1": {"schedule": 3}}}, "stages.stage1.schedule: expected a mapping of ScheduleConfig keys, got int"),
+    ({"stages": {"stage1": {"schedule": {"global_batch": 0}}}}, "stages.stage1.schedule: global_batch=0: must be >= 1"),
+    ({"stages": {"stage2": {"augment": {"mask_ratio": 1.5}}}}, r"stages.stage2.augment: mask_ratio=1.5: must be in \[0, 1\)"),
+    ({"stages": {"stage1": {"model": "huge"}}}, "stages.stage1.model='huge': choose one of paper, demo, smoke"),
+    ({"stages": {"stage2": {"stage": "stage1"}}}, "stages.stage2 holds a 'stage1' config; it must be 'stage2'"),
 ])
 def test_a_bad_key_or_value_is_named_by_its_dotted_path(data, message):
     with pytest.raises(ValueError, match=message):
@@ -89,9 +94,11 @@ def test_stage_validation_messages():
 
 
 def test_a_partial_mapping_overlays_the_default_and_merge_copies():
-    cfg = from_dict(PipelineConfig, {"stage1": {"schedule": {"max_steps": 2}}})
+    cfg = from_dict(PipelineConfig, {"stages": {"stage1": {"schedule": {"max_steps": 2}}}})
     demo = presets.stage_config("stage1", "demo")
-    assert cfg.stage1 == demo.replace(schedule={"max_steps": 2}) and cfg.stage1.schedule.global_batch == 32
+    assert cfg.stages["stage1"] == demo.replace(schedule={"max_steps": 2})
+    assert cfg.stages["stage1"].schedule.global_batch == 32
+    assert list(cfg.stages) == list(STAGES) and cfg.stages["stage2.1"] == presets.stage_config("stage2.1", "demo")
     changed = merge(demo, {"optim": {"base_lr": 1e-3}})
     assert changed.optim.base_lr == 1e-3 and changed.optim.beta2 == demo.optim.beta2
     assert changed.schedule == demo.schedule and changed.schedule is not demo.schedule  # no shared section
@@ -115,7 +122,7 @@ def test_one_registry_gives_model_stages_and_pipeline():
         assert preset.model == presets.model_config(name)
         assert list(preset.stages) == list(STAGES)
         pipe = preset.pipeline
-        assert pipe.preset == name and [getattr(pipe, f) for f in STAGE_FIELDS] == list(preset.stages.values())
+        assert pipe.preset == name and pipe.stages == preset.stages
         assert {s.model for s in preset.stages.values()} == {name}
     with pytest.raises(ValueError, match="unknown preset 'huge'; choose one of paper, demo, smoke"):
         presets.get("huge")
@@ -171,8 +178,8 @@ def test_pyflyte_cfg_file_is_loaded_strictly(tmp_path):
     good, bad = tmp_path / "good.json", tmp_path / "bad.json"
     good.write_text(json.dumps(dataclasses.asdict(cfg)))
     assert JsonParamType(PipelineConfig).convert(str(good), None, None) == cfg
-    bad.write_text(json.dumps({"stage2": {"optim": {"lrr": 1.0}}}))
-    with pytest.raises(ConfigError, match="stage2.optim.lrr: unknown key"):
+    bad.write_text(json.dumps({"stages": {"stage2": {"optim": {"lrr": 1.0}}}}))
+    with pytest.raises(ConfigError, match="stages.stage2.optim.lrr: unknown key"):
         JsonParamType(PipelineConfig).convert(str(bad), None, None)
 
 
@@ -187,15 +194,15 @@ def test_config_show_prints_the_effective_config(tmp_path):
     assert shown.returncode == 0, shown.stderr[-2000:]
     assert loads(shown.stdout, PipelineConfig) == presets.pipeline_config("paper")
     overlay = tmp_path / "overlay.yaml"
-    overlay.write_text("experiment: tuned\nstage2:\n  optim:\n    base_lr: 1.0e-5\n")
+    overlay.write_text("experiment: tuned\nstages:\n  stage2:\n    optim:\n      base_lr: 1.0e-5\n")
     shown = _cli("--preset", "smoke", "--cfg", str(overlay), "--format", "json")
     assert shown.returncode == 0, shown.stderr[-2000:]
-    expected = presets.pipeline_config("smoke", experiment="tuned", stage2={"optim": {"base_lr": 1e-5}})
+    expected = presets.pipeline_config("smoke", experiment="tuned", stages={"stage2": {"optim": {"base_lr": 1e-5}}})
     assert PipelineConfig.from_json(shown.stdout) == expected
     alone = _cli("--cfg", str(overlay))  # what pyflyte runs with this file: the defaults (demo) overlaid
     assert loads(alone.stdout, PipelineConfig) == presets.pipeline_config(
-        "demo", experiment="tuned", stage2={"optim": {"base_lr": 1e-5}})
-    overlay.write_text("stage2:\n  optim:\n    lrr: 1.0e-5\n")
+        "demo", experiment="tuned", stages={"stage2": {"optim": {"base_lr": 1e-5}}})
+    overlay.write_text("stages:\n  stage2:\n    optim:\n      lrr: 1.0e-5\n")
     failed = _cli("--cfg", str(overlay))
     assert failed.returncode == 2 and failed.stdout == ""
-    assert failed.stderr.strip().startswith(f"m2d2 config: {overlay}: stage2.optim.lrr: unknown key; known: name,")
+    assert failed.stderr.strip().startswith(f"m2d2 config: {overlay}: stages.stage2.optim.lrr: unknown key; known: name,")

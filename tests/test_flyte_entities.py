@@ -21,7 +21,7 @@ from google.protobuf.json_format import MessageToDict
 ROOT = Path(__file__).resolve().parents[1]
 PYFLYTE = Path(sys.executable).with_name("pyflyte")
 TRAINER, CPU = "ghcr.io/example/m2d2-trainer:v1", "ghcr.io/example/m2d2-cpu:v1"
-TRAINING = {"stage1": 4, "stage11": 1, "stage2": 4, "stage21": 4}  # task -> GPUs per node (paper preset)
+TRAINING = {"stage1": 4, "stage1_1": 1, "stage2": 4, "stage2_1": 4}  # task -> GPUs per node (paper preset)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,8 @@ def test_training_tasks_are_pytorch_jobs_on_gpus(package):
 @pytest.mark.slow
 def test_cpu_tasks_use_the_cpu_image_without_gpus(package):
     cpu_tasks = {"open_workspace", "start_tracking", "resolve_corpus", "make_corpus", "plan_features",
-                 "feature_shard", "finish_features", "plan_captions", "finish_captions", "evaluate", "finish_tracking"}
+                 "feature_shard", "finish_features", "plan_captions", "finish_captions", "evaluate", "finish_tracking",
+                 "split_settings"}
     assert cpu_tasks | set(TRAINING) <= set(package)
     for name in cpu_tasks:
         template = package[name]["template"]
@@ -107,7 +108,7 @@ def test_launch_plans_paper_and_scheduled_retraining(package):
     for spec in (paper, scheduled):
         binary = spec["defaultInputs"]["parameters"]["cfg"]["default"]["scalar"]["binary"]
         cfg = msgpack.unpackb(base64.b64decode(binary["value"]))  # the PipelineConfig default, as Flyte stores it
-        assert cfg["preset"] == "paper" and cfg["stage11"]["optim"]["name"] == "lars"
+        assert cfg["preset"] == "paper" and cfg["stages"]["stage1.1"]["optim"]["name"] == "lars"
         assert cfg["corpus_source"] == "s3://bucket/corpus/latest"  # the newest snapshot, resolved at run time
 
 
@@ -147,10 +148,10 @@ def test_optional_stages_pass_their_input_through_when_disabled():
 
     cfg = PipelineConfig()
     previous = StepOutput(path="/nothing/is/read/from/here")  # nothing is read from it, nothing is trained
-    assert run_stage(stage("stage1.1"), cfg.stage11.replace(enabled=False), "/x#id", "/f", previous) is previous
-    assert run_stage(stage("stage2.1"), cfg.stage21.replace(enabled=False), "/x#id", "/f", previous) is previous
+    assert run_stage(stage("stage1.1"), cfg.stages["stage1.1"].replace(enabled=False), "/x#id", "/f", previous) is previous
+    assert run_stage(stage("stage2.1"), cfg.stages["stage2.1"].replace(enabled=False), "/x#id", "/f", previous) is previous
     with pytest.raises(ValueError, match="stage2 cannot be disabled"):  # refused by the config already
-        cfg.stage2.replace(enabled=False)
+        cfg.stages["stage2"].replace(enabled=False)
 
 
 def test_every_registered_stage_has_its_flyte_task_and_the_workflow_walks_the_registry():

@@ -40,7 +40,7 @@ def test_smoke_pipeline_runs_twice_and_tracks_everything(tmp_path):
 
     first = _run_pipeline(cfg_file, env, tmp_path)
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
-    changed = dataclasses.replace(cfg, stage21=cfg.stage21.replace(seed=1))
+    changed = dataclasses.replace(cfg, stages={**cfg.stages, "stage2.1": cfg.stages["stage2.1"].replace(seed=1)})
     changed_file = tmp_path / "smoke-changed.json"
     changed_file.write_text(json.dumps(dataclasses.asdict(changed)))
     second = _run_pipeline(changed_file, env, tmp_path)
@@ -70,8 +70,8 @@ def test_smoke_pipeline_runs_twice_and_tracks_everything(tmp_path):
     assert 0.0 < s11.data.metrics["eval/mAP"] <= 1.0 and "classifier" in {a.path for a in
                                                                             client.list_artifacts(s11.info.run_id)}
     metrics = first_parent.data.metrics
-    for key in ("stage1/zs_acc", "stage2/zs_acc", "stage21/zs_acc", "stage1_baseline/zs_acc", "stage2/t2a_R1",
-                "stage1/a2t_mAP10", "stage11/mAP"):
+    for key in ("stage1/zs_acc", "stage2/zs_acc", "stage2.1/zs_acc", "stage1_baseline/zs_acc", "stage2/t2a_R1",
+                "stage1/a2t_mAP10", "stage1.1/mAP"):
         assert key in metrics and 0.0 <= metrics[key] <= 1.0, key
     assert first_parent.data.tags["m2d2.stage1.cache_hit"] == "false"
     # Second execution, stage 2.1's settings changed: everything before it is a cache hit and links the run that

@@ -78,7 +78,7 @@ def test_smoke_pipeline_in_process_matches_golden_and_reruns_only_what_changed(t
     assert again.outputs["stage2"].mlflow_run_id == first.outputs["stage2"].mlflow_run_id
 
     # Stage 2.1's settings changed: it and what follows it run again; everything before it is reused.
-    changed = dataclasses.replace(cfg, stage21=cfg.stage21.replace(seed=1))
+    changed = dataclasses.replace(cfg, stages={**cfg.stages, "stage2.1": cfg.stages["stage2.1"].replace(seed=1)})
     third = run(changed)
     hits = json.loads(third.summary.read_text())["cache_hits"]
     assert hits == {"features": True, "embed": True, "stage1": True, "stage1.1": True, "stage2": True,
@@ -87,15 +87,16 @@ def test_smoke_pipeline_in_process_matches_golden_and_reruns_only_what_changed(t
     assert third.registration.version != first.registration.version  # a new model, a new version
 
     # Adding a stage: one declaration in the registry plus its runner; the in-process driver and evaluation walk it.
-    added = Stage("stage2.2", section="stage21", trains_on="stage2.1", runner="test_pipeline_runner:copy_stage",
-                  optional=True, baseline="stage2", title="stage 2.2")
+    added = Stage("stage2.2", trains_on="stage2.1", runner="test_pipeline_runner:copy_stage", optional=True,
+                  baseline="stage2", title="stage 2.2", recipe="stage2.1")
     monkeypatch.setattr(registry, "STAGES", (*STAGES, added))
-    fourth = run(changed)
+    # ... and its settings under its name (a preset gives them to every registered stage)
+    fourth = run(dataclasses.replace(changed, stages={**changed.stages, "stage2.2": changed.stages["stage2.1"]}))
     hits = json.loads(fourth.summary.read_text())["cache_hits"]
     assert hits["stage2.1"] and not hits.get("stage2.2") and not hits["evaluate"]  # an untracked runner has no run
     metrics = fourth.evaluation.metrics
-    assert metrics["stage22/zs_acc"] == metrics["stage21/zs_acc"]  # the same weights, re-exported
-    assert "stage22_zs_gain" in metrics and fourth.outputs["stage2.2"].path.startswith(str(tmp_path / "data"))
+    assert metrics["stage2.2/zs_acc"] == metrics["stage2.1/zs_acc"]  # the same weights, re-exported
+    assert "stage2.2_zs_gain" in metrics and fourth.outputs["stage2.2"].path.startswith(str(tmp_path / "data"))
     # The Flyte workflow needs that stage's task (Flyte's third place) and says so.
     import workflows.full as wf
 

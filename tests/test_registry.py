@@ -83,12 +83,12 @@ def test_first_version_takes_the_alias_then_only_better_ones_move_it(client, tmp
 def test_lower_is_better_and_a_second_alias(client, tmp_path, request):
     name = request.node.name
     export = _export(tmp_path / "m", "m")
-    key = "stage21/val loss"  # pipeline metric names carry a '/', and may hold spaces
+    key = "stage2.1/val loss"  # pipeline metric names carry a '/', and may hold spaces
     assert register_model(export, name, {key: 2.0}, key, higher_is_better=False, alias="smallest").promoted
     assert not register_model(export, name, {key: 2.5}, key, higher_is_better=False, alias="smallest").promoted
     third = register_model(export, name, {key: 1.5}, key, higher_is_better=False, alias="smallest")
     assert third.promoted and "lower is better" in third.reason
-    assert _version(client, name, "3").tags["m2d2.metric.stage21/val loss"] == "1.5"
+    assert _version(client, name, "3").tags["m2d2.metric.stage2.1/val loss"] == "1.5"
     assert str(client.get_model_version_by_alias(name, "smallest").version) == "3"
     with pytest.raises(Exception, match="champion"):  # other aliases untouched
         client.get_model_version_by_alias(name, "champion")

@@ -20,7 +20,7 @@ from m2d2.train.config import TrainStageConfig
 @pytest.fixture(scope="module")
 def chain(smoke_data, tmp_path_factory):
     """stage-1 export (random init) -> stage 1.1 -> stage 2 -> stage 2.1, all smoke presets."""
-    from m2d2.train.stages import run_stage2, run_stage11, run_stage21
+    from m2d2.train.stages import run_stage1_1, run_stage2, run_stage2_1
 
     _, features, _ = smoke_data
     root = tmp_path_factory.mktemp("chain")
@@ -29,9 +29,9 @@ def chain(smoke_data, tmp_path_factory):
     stats = load_norm_stats(features)
     stage1.set_norm_stats(stats.mean, stats.std)
     stage1.save_pretrained(str(root / "s1"))
-    s11 = run_stage11(stage_config("stage1.1", "smoke"), str(features), str(root / "s1"), str(root / "s11"))
+    s11 = run_stage1_1(stage_config("stage1.1", "smoke"), str(features), str(root / "s1"), str(root / "s11"))
     s2 = run_stage2(stage_config("stage2", "smoke"), str(features), s11.export_dir, str(root / "s2"))
-    s21 = run_stage21(stage_config("stage2.1", "smoke"), str(features), s2.export_dir, str(root / "s21"))
+    s21 = run_stage2_1(stage_config("stage2.1", "smoke"), str(features), s2.export_dir, str(root / "s21"))
     return {"root": root, "s1": str(root / "s1"), "s11": s11, "s2": s2, "s21": s21, "features": features}
 
 
@@ -85,10 +85,10 @@ def test_stage21_trains_on_the_curated_subset_only(chain, caplog):
 
 
 def test_a_config_of_another_stage_is_refused(chain):
-    from m2d2.train.stages import run_stage11
+    from m2d2.train.stages import run_stage1_1
 
     with pytest.raises(ValueError, match="'stage2' config was given to stage1.1"):
-        run_stage11(stage_config("stage2", "smoke"), str(chain["features"]), chain["s1"], str(chain["root"] / "x"))
+        run_stage1_1(stage_config("stage2", "smoke"), str(chain["features"]), chain["s1"], str(chain["root"] / "x"))
     with pytest.raises(ValueError, match="stage: 'stage3' is not one of 'stage1', 'stage1.1'"):
         stage_config("stage1", "smoke").replace(stage="stage3")
     with pytest.raises(ValueError, match="unknown stage 'stage3'"):

@@ -79,7 +79,7 @@ def test_single_process_stage1_learns_and_exports(tmp_path, smoke_data):
     from m2d2.train.stages import run_stage1
 
     cfg, features, captions = smoke_data
-    stage = cfg.stage1.replace(schedule={"max_steps": 12, "global_batch": 4, "warmup_epochs": 0.0},
+    stage = cfg.stages["stage1"].replace(schedule={"max_steps": 12, "global_batch": 4, "warmup_epochs": 0.0},
                                optim={"base_lr": 2e-3}, log_every=1)
     out = run_stage1(stage, str(features), str(captions), str(tmp_path / "s1"))
     assert out.steps == 12 and out.final["ema_decay"] > 0.99
@@ -101,7 +101,8 @@ def test_two_process_elastic_deepspeed_stage1(tmp_path, smoke_data):
     """The Flyte Elastic task of stage 1 with nproc_per_node=2: two gloo ranks under DeepSpeed."""
     cfg, features, captions = smoke_data
     cfg = dataclasses.replace(cfg, data_root=str(tmp_path / "data"),
-                              stage1=cfg.stage1.replace(schedule={"global_batch": 4, "max_steps": 2}))
+                              stages={**cfg.stages, "stage1": cfg.stages["stage1"].replace(
+                                  schedule={"global_batch": 4, "max_steps": 2})})
     script = f"""
 import json, sys
 from m2d2.config import from_dict
@@ -112,7 +113,7 @@ from m2d2.tracking import start_pipeline_run
 raw = json.loads(sys.argv[1])
 cfg = from_dict(PipelineConfig, raw)
 parent = start_pipeline_run("elastic-test")
-result = stage1(section=cfg.stage1, workspace=workspace_token(cfg.data_root),
+result = stage1(section=cfg.stages["stage1"], workspace=workspace_token(cfg.data_root),
                 features=Artifact(path=_out({str(features)!r}), mlflow_run_id=""),
                 source=Artifact(path=_out({str(captions.parent)!r}), mlflow_run_id=""), run_key="", parent_run_id=parent)
 print("RESULT", json.dumps({{"steps": result.steps, "model": str(result.path.path), "run": result.mlflow_run_id}}))

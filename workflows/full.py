@@ -26,7 +26,16 @@ from flytekit.types.file import FlyteFile
 from flytekit.types.structured import StructuredDataset
 from flytekitplugins.kfpytorch import Elastic
 
-from m2d2.pipeline import PipelineConfig
+from m2d2.pipeline import (
+    CaptionSettings,
+    CorpusSettings,
+    EvaluationSettings,
+    FeatureSettings,
+    PipelineConfig,
+    RegistrationSettings,
+    StepSettings,
+)
+from m2d2.pipeline.registry import identifier
 from m2d2.pipeline.runner import Registration  # a task output as the library returns it
 from m2d2.shards import ShardRef
 from m2d2.train.config import TrainStageConfig
@@ -174,14 +183,23 @@ def resolve_corpus(cfg: PipelineConfig) -> str:
     return resolve_corpus_source(cfg.corpus_source)
 
 
-@cpu_task("corpus", cache=Cache(version="corpus-2"))
-def make_corpus(cfg: PipelineConfig, workspace: str, source: str) -> Corpus:
+@cpu_task("small")
+def split_settings(cfg: PipelineConfig) -> StepSettings:
+    """What each non-training step reads (:func:`m2d2.pipeline.step_settings`). Not cached (it is instant); the
+    cached tasks downstream take only their part, so their cache keys change only with what they read."""
+    from m2d2.pipeline import step_settings
+
+    return step_settings(cfg)
+
+
+@cpu_task("corpus", cache=Cache(version="corpus-3"))
+def make_corpus(settings: CorpusSettings, workspace: str, source: str) -> Corpus:
     """The resolved ``source`` corpus as it is, or (no source) the generated demo corpus."""
     from m2d2 import io
     from m2d2.data.manifest import read_manifest
-    from m2d2.pipeline import build_corpus, rooted
+    from m2d2.pipeline import build_corpus, root_of
 
-    corpus_dir = source or str(build_corpus(rooted(cfg, workspace)))
+    corpus_dir = source or str(build_corpus(settings, root_of(workspace)))
     manifest = read_manifest(io.join(corpus_dir, "manifest.parquet"))
     audio = _out(corpus_dir) if io.is_local(corpus_dir) else FlyteDirectory(corpus_dir)
     return Corpus(audio=audio, manifest=StructuredDataset(dataframe=manifest))
@@ -194,11 +212,11 @@ def make_corpus(cfg: PipelineConfig, workspace: str, source: str) -> Corpus:
 MAP_CONCURRENCY = int(os.environ.get("M2D2_MAP_CONCURRENCY", "64"))
 
 
-@cpu_task("small", cache=Cache(version="features-plan-2"))
-def plan_features(cfg: PipelineConfig, workspace: str, corpus: Corpus) -> list[ShardRef]:
-    from m2d2.pipeline import plan_features, rooted
+@cpu_task("small", cache=Cache(version="features-plan-3"))
+def plan_features(settings: FeatureSettings, workspace: str, corpus: Corpus) -> list[ShardRef]:
+    from m2d2.pipeline import plan_features, root_of
 
-    return plan_features(rooted(cfg, workspace), _local(corpus.audio), workspace)
+    return plan_features(settings, root_of(workspace), _local(corpus.audio), workspace)
 
 
 @cpu_task("shard", cache=Cache(version="features-shard-2"), retries=2)
@@ -219,11 +237,11 @@ def finish_features(shards: list[ShardRef], built: list[str], parent_run_id: str
     return Artifact(path=_out(out), mlflow_run_id=run_id or "")
 
 
-@cpu_task("small", cache=Cache(version="captions-plan-2"))
-def plan_captions(cfg: PipelineConfig, workspace: str, corpus: Corpus) -> list[ShardRef]:
-    from m2d2.pipeline import plan_captions, rooted
+@cpu_task("small", cache=Cache(version="captions-plan-3"))
+def plan_captions(settings: CaptionSettings, workspace: str, corpus: Corpus) -> list[ShardRef]:
+    from m2d2.pipeline import plan_captions, root_of
 
-    return plan_captions(rooted(cfg, workspace), _local(corpus.audio), workspace)
+    return plan_captions(settings, root_of(workspace), _local(corpus.audio), workspace)
 
 
 def _embed_task(**kwargs):
@@ -306,7 +324,8 @@ def _run_stage(name: str, section: TrainStageConfig, workspace: str, features: A
 
 
 # One task per stage of m2d2.pipeline.registry.STAGES. Flyte needs each task as a module-level function of its own,
-# fixed at registration with its own Elastic topology and resources, so a new stage adds its three lines here too
+# fixed at registration with its own Elastic topology and resources, so a new stage adds its three lines here too, named by
+# m2d2.pipeline.registry.identifier (Python names hold no dot: stage1_1 runs stage 1.1)
 # (tests/test_flyte_entities.py checks that every registered stage has its task). The workflow below walks the
 # registry; the tasks take only their own config section, so changing one stage's settings re-runs that stage and
 # what follows it, and is a cache hit for everything before it.
@@ -316,9 +335,9 @@ def stage1(section: TrainStageConfig, workspace: str, features: Artifact, source
     return _run_stage("stage1", section, workspace, features, source, run_key, parent_run_id)
 
 
-@_training_task("stage1.1", "stage11-2")
-def stage11(section: TrainStageConfig, workspace: str, features: Artifact, source: Artifact, run_key: str,
-            parent_run_id: str) -> Artifact:
+@_training_task("stage1.1", "stage1.1-2")
+def stage1_1(section: TrainStageConfig, workspace: str, features: Artifact, source: Artifact, run_key: str,
+             parent_run_id: str) -> Artifact:
     return _run_stage("stage1.1", section, workspace, features, source, run_key, parent_run_id)
 
 
@@ -328,64 +347,65 @@ def stage2(section: TrainStageConfig, workspace: str, features: Artifact, source
     return _run_stage("stage2", section, workspace, features, source, run_key, parent_run_id)
 
 
-@_training_task("stage2.1", "stage21-2")
-def stage21(section: TrainStageConfig, workspace: str, features: Artifact, source: Artifact, run_key: str,
-            parent_run_id: str) -> Artifact:
+@_training_task("stage2.1", "stage2.1-2")
+def stage2_1(section: TrainStageConfig, workspace: str, features: Artifact, source: Artifact, run_key: str,
+             parent_run_id: str) -> Artifact:
     return _run_stage("stage2.1", section, workspace, features, source, run_key, parent_run_id)
 
 
-STAGE_TASKS = {"stage1": stage1, "stage1.1": stage11, "stage2": stage2, "stage2.1": stage21}
+STAGE_TASKS = {"stage1": stage1, "stage1.1": stage1_1, "stage2": stage2, "stage2.1": stage2_1}
 
 
 def stage_task(name: str):
     """The Flyte task of registered stage ``name``."""
     if name not in STAGE_TASKS:
         raise KeyError(f"stage {name!r} is in m2d2.pipeline.registry.STAGES but workflows/full.py has no task for "
-                       "it: add one like `stage2` (Flyte runs only module-level tasks, each with its own topology)")
+                       f"it: add one like `stage2`, named {identifier(name)} (Flyte runs only module-level tasks, each "
+                       "with its own topology)")
     return STAGE_TASKS[name]
 
 
-@cpu_task("evaluate", cache=Cache(version="evaluate-4", ignored_inputs=TRACKING), enable_deck=True)
-def evaluate(cfg: PipelineConfig, workspace: str, features: Artifact, captions: Artifact,
+@cpu_task("evaluate", cache=Cache(version="evaluate-5", ignored_inputs=TRACKING), enable_deck=True)
+def evaluate(settings: EvaluationSettings, workspace: str, features: Artifact, captions: Artifact,
              stages: dict[str, Artifact], parent_run_id: str) -> Artifact:
     """Every stage's CLAP metrics vs baselines, the final model's full suite, its report (also a Flyte Deck)."""
     from flytekit import Deck
 
     from m2d2.eval.reports import report_html
-    from m2d2.pipeline import rooted
+    from m2d2.pipeline import root_of
     from m2d2.pipeline.runner import evaluate_step
 
-    output, report_dir = evaluate_step(rooted(cfg, workspace), _step(features), _step(captions),
+    output, report_dir = evaluate_step(settings, root_of(workspace), _step(features), _step(captions),
                                        {name: _step(a) for name, a in stages.items()}, parent_run_id or None)
     Deck("evaluation", report_html(report_dir))
     return _artifact(output)
 
 
-@cpu_task("small", cache=Cache(version="register-2", ignored_inputs=TRACKING))
-def register(cfg: PipelineConfig, workspace: str, final: Artifact, evaluation: Artifact,
+@cpu_task("small", cache=Cache(version="register-3", ignored_inputs=TRACKING))
+def register(settings: RegistrationSettings, workspace: str, final: Artifact, evaluation: Artifact,
              parent_run_id: str) -> Registration:
-    """Register the final model; the champion alias moves only if ``cfg.primary_metric`` beats the incumbent.
+    """Register the final model; the champion alias moves only if ``settings.primary_metric`` beats the incumbent.
 
     Cached by the model and its scores, so re-running an unchanged pipeline adds no duplicate version.
     """
-    from m2d2.pipeline import rooted
+    from m2d2.pipeline import root_of
     from m2d2.pipeline.runner import register_step
 
-    return register_step(rooted(cfg, workspace), _step(final), _step(evaluation))
+    return register_step(settings, root_of(workspace), _step(final), _step(evaluation))
 
 
 @cpu_task("small")
-def finish_tracking(cfg: PipelineConfig, workspace: str, parent_run_id: str, outputs: dict[str, Artifact],
+def finish_tracking(workspace: str, parent_run_id: str, outputs: dict[str, Artifact],
                     evaluation: Artifact, registration: Registration) -> FlyteFile:
     """Record which steps were cache hits (and the runs that produced them), the headline metrics, and close.
 
     Writes ``<data_root>/summaries/<parent run>.json`` and ``<data_root>/latest-summary.json`` (``m2d2 summary``),
     credentials masked.
     """
-    from m2d2.pipeline import rooted
+    from m2d2.pipeline import root_of
     from m2d2.pipeline.runner import finish
 
-    path = finish(rooted(cfg, workspace), parent_run_id, {k: _step(v) for k, v in outputs.items()},
+    path = finish(root_of(workspace), parent_run_id, {k: _step(v) for k, v in outputs.items()},
                   _step(evaluation), registration)
     return FlyteFile(str(path.resolve()), remote_path=False if _is_local() else None)
 
@@ -397,23 +417,24 @@ def full(cfg: PipelineConfig = PipelineConfig()) -> FlyteFile:  # noqa: B008 (Fl
 
     workspace = open_workspace(cfg=cfg)
     parent = start_tracking(cfg=cfg)
-    corpus = make_corpus(cfg=cfg, workspace=workspace, source=resolve_corpus(cfg=cfg))
-    feature_shards = plan_features(cfg=cfg, workspace=workspace, corpus=corpus)
+    settings = split_settings(cfg=cfg)
+    corpus = make_corpus(settings=settings.corpus, workspace=workspace, source=resolve_corpus(cfg=cfg))
+    feature_shards = plan_features(settings=settings.features, workspace=workspace, corpus=corpus)
     built = map_task(feature_shard, concurrency=MAP_CONCURRENCY)(ref=feature_shards)
     features = finish_features(shards=feature_shards, built=built, parent_run_id=parent)
-    caption_shards = plan_captions(cfg=cfg, workspace=workspace, corpus=corpus)
+    caption_shards = plan_captions(settings=settings.captions, workspace=workspace, corpus=corpus)
     embedded = map_task(caption_shard, concurrency=MAP_CONCURRENCY)(ref=caption_shards)
     captions = finish_captions(shards=caption_shards, embedded=embedded, parent_run_id=parent)
     outputs = {"features": features, "embed": captions}
     for stage in STAGES:
         source = captions if stage.trains_on == CAPTIONS else outputs[stage.trains_on]
-        outputs[stage.name] = stage_task(stage.name)(section=getattr(cfg, stage.section), workspace=workspace,
+        outputs[stage.name] = stage_task(stage.name)(section=cfg.stages[stage.name], workspace=workspace,
                                                       features=features, source=source, run_key=cfg.run_key,
                                                       parent_run_id=parent)
     stages = {stage.name: outputs[stage.name] for stage in STAGES}
-    scores = evaluate(cfg=cfg, workspace=workspace, features=features, captions=captions, stages=stages,
-                      parent_run_id=parent)
-    registration = register(cfg=cfg, workspace=workspace, final=stages[STAGES[-1].name], evaluation=scores,
+    scores = evaluate(settings=settings.evaluation, workspace=workspace, features=features, captions=captions,
+                      stages=stages, parent_run_id=parent)
+    registration = register(settings=settings.registration, workspace=workspace, final=stages[STAGES[-1].name], evaluation=scores,
                             parent_run_id=parent)
-    return finish_tracking(cfg=cfg, workspace=workspace, parent_run_id=parent, outputs=outputs, evaluation=scores,
+    return finish_tracking(workspace=workspace, parent_run_id=parent, outputs=outputs, evaluation=scores,
                            registration=registration)

@@ -12,9 +12,15 @@ from m2d2.pipeline.config import (
     CAPTION_BATCH,
     CAPTION_TOKENS_PER_ROW,
     PROMPT_TEMPLATE,
-    STAGE_FIELDS,
+    CaptionSettings,
     CorpusSettings,
+    EvaluationSettings,
+    FeatureSettings,
     PipelineConfig,
+    RegistrationSettings,
+    StepSettings,
+    default_stages,
+    step_settings,
 )
 from m2d2.pipeline.data import (
     build_caption_cache,
@@ -34,6 +40,7 @@ from m2d2.pipeline.workspace import (
     LATEST,
     WORKSPACE_FILE,
     resolve_corpus_source,
+    root_of,
     rooted,
     step_dir,
     step_key,
@@ -41,8 +48,10 @@ from m2d2.pipeline.workspace import (
 )
 
 __all__ = [
-    "CAPTION_BATCH", "CAPTION_TOKENS_PER_ROW", "LATEST", "PROMPT_TEMPLATE", "STAGE_FIELDS", "WORKSPACE_FILE",
-    "STAGES", "CorpusSettings", "PipelineConfig", "PipelineResult", "Stage", "StepOutput", "run", "run_stage", "build_caption_cache", "build_corpus", "build_feature_shard",
-    "build_features", "embed_caption_shard", "eval_set", "evaluate_stages", "finish_captions", "finish_features",
-    "plan_captions", "plan_features", "resolve_corpus_source", "rooted", "step_dir", "step_key", "workspace_token",
+    "CAPTION_BATCH", "CAPTION_TOKENS_PER_ROW", "LATEST", "PROMPT_TEMPLATE", "STAGES", "WORKSPACE_FILE",
+    "CaptionSettings", "CorpusSettings", "EvaluationSettings", "FeatureSettings", "PipelineConfig", "PipelineResult",
+    "RegistrationSettings", "Stage", "StepOutput", "StepSettings", "build_caption_cache", "build_corpus",
+    "build_feature_shard", "build_features", "default_stages", "embed_caption_shard", "eval_set", "evaluate_stages",
+    "finish_captions", "finish_features", "plan_captions", "plan_features", "resolve_corpus_source", "root_of",
+    "rooted", "run", "run_stage", "step_dir", "step_key", "step_settings", "workspace_token",
 ]

@@ -6,12 +6,14 @@ Named settings (``demo``, the default; ``smoke``; ``paper``): :func:`m2d2.preset
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 
 from m2d2 import io
 from m2d2.config import from_dict
-from m2d2.presets import PRESETS, stage_config
+from m2d2.pipeline import registry
+from m2d2.presets import PRESETS, model_config, stage_config
 from m2d2.text.prompt import PROMPT_TEMPLATE
 from m2d2.train.config import TrainStageConfig
 
@@ -42,7 +44,7 @@ class PipelineConfig:
     experiment: str = "m2d2"
     baseline_inits: int = 5  # random initialisations averaged for each baseline
     registered_model: str = "m2d2"  # MLflow registered model of the final (stage 2.1) export
-    primary_metric: str = "stage21/zs_acc"  # the "champion" alias moves only when this beats the incumbent
+    primary_metric: str = "stage2.1/zs_acc"  # the "champion" alias moves only when this beats the incumbent
     prompt_template: str = PROMPT_TEMPLATE
     norm_samples: int = 5000
     feature_shard_mb: float = 256.0  # log-mel shard size: the unit of the feature map task and of S3 fetches
@@ -55,10 +57,9 @@ class PipelineConfig:
     trust_remote_code: bool = False
     remote_code_sha256: str = ""
     corpus: CorpusSettings = field(default_factory=CorpusSettings)
-    stage1: TrainStageConfig = field(default_factory=lambda: stage_config("stage1", "demo"))
-    stage11: TrainStageConfig = field(default_factory=lambda: stage_config("stage1.1", "demo"))
-    stage2: TrainStageConfig = field(default_factory=lambda: stage_config("stage2", "demo"))
-    stage21: TrainStageConfig = field(default_factory=lambda: stage_config("stage2.1", "demo"))
+    # Every training stage's settings under the stage's name in m2d2.pipeline.registry.STAGES ("stage1",
+    # "stage1.1", ...), in pipeline order. A file may give only the stages (and keys) it changes.
+    stages: dict[str, TrainStageConfig] = field(default_factory=lambda: default_stages("demo"))
 
     def __post_init__(self) -> None:
         if not io.is_local(self.data_root):
@@ -73,12 +74,20 @@ class PipelineConfig:
         if self.feature_shard_mb <= 0 or self.caption_shards < 1:
             raise ValueError(f"need feature_shard_mb > 0 and caption_shards >= 1, got {self.feature_shard_mb}, "
                              f"{self.caption_shards}")
-        for name, stage in STAGE_FIELDS.items():
-            stage_cfg = getattr(self, name)
-            if stage_cfg.stage != stage:
-                raise ValueError(f"{name} holds a {stage_cfg.stage!r} config; it must be {stage!r}")
-            if stage_cfg.model not in PRESETS:  # caught here, not when the stage starts hours later
-                raise ValueError(f"{name}.model={stage_cfg.model!r}: choose one of {', '.join(PRESETS)}")
+        names = [s.name for s in registry.STAGES]
+        for name in self.stages:
+            if name not in names:
+                raise ValueError(f"stages.{name}: unknown stage; the pipeline's stages are {', '.join(names)}")
+        missing = [name for name in names if name not in self.stages]
+        if missing:
+            raise ValueError(f"stages: no settings for {', '.join(missing)}")
+        self.stages = {name: self.stages[name] for name in names}  # pipeline order
+        for stage in registry.STAGES:
+            section = self.stages[stage.name]
+            if section.stage != stage.recipe:
+                raise ValueError(f"stages.{stage.name} holds a {section.stage!r} config; it must be {stage.recipe!r}")
+            if section.model not in PRESETS:  # caught here, not when the stage starts hours later
+                raise ValueError(f"stages.{stage.name}.model={section.model!r}: choose one of {', '.join(PRESETS)}")
 
     @classmethod
     def from_json(cls, text: str) -> PipelineConfig:
@@ -87,5 +96,79 @@ class PipelineConfig:
         return from_dict(cls, json.loads(text))
 
 
-#: PipelineConfig field -> training stage, in pipeline order.
-STAGE_FIELDS = {"stage1": "stage1", "stage11": "stage1.1", "stage2": "stage2", "stage21": "stage2.1"}
+# -------------------------------------------------------------------------------- what each step reads
+# The non-training steps get only the settings they read, so a Flyte task's cache key (its inputs) changes only
+# when something it depends on changes: a new stage-2.1 learning rate re-runs neither the corpus, the features nor
+# the caption vectors. ``step_settings`` is the one place that decides what each step reads.
+@dataclass
+class FeatureSettings:
+    """The log-mel step: normalisation statistics over crops of stage 1's length, shard size, allowed audio roots."""
+
+    norm_crop_frames: int
+    norm_samples: int
+    seed: int
+    shard_mb: float
+    audio_roots: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CaptionSettings:
+    """The caption-embedding step: the model preset whose offline text encoder (stage 1's) embeds every caption and
+    zero-shot prompt, the prompt, how many shards, and the remote-code choice for that encoder."""
+
+    model: str
+    prompt_template: str
+    shards: int = 1
+    trust_remote_code: bool = False
+    remote_code_sha256: str = ""
+
+
+@dataclass
+class EvaluationSettings:
+    """The evaluation step: baseline seeds, the zero-shot prompt, and each stage's model preset (a CLAP stage's
+    baseline keeps that preset's pretrained text encoder)."""
+
+    baseline_inits: int
+    prompt_template: str
+    models: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RegistrationSettings:
+    """The registration step: the MLflow registered model and the metric that decides the champion."""
+
+    registered_model: str
+    primary_metric: str
+
+
+@dataclass
+class StepSettings:
+    """What every non-training step reads, derived from one :class:`PipelineConfig` by :func:`step_settings`."""
+
+    corpus: CorpusSettings
+    features: FeatureSettings
+    captions: CaptionSettings
+    evaluation: EvaluationSettings
+    registration: RegistrationSettings
+
+
+def step_settings(cfg: PipelineConfig) -> StepSettings:
+    first = cfg.stages[registry.STAGES[0].name]  # the stage the features' statistics and the caption vectors serve
+    return StepSettings(
+        corpus=dataclasses.replace(cfg.corpus),
+        features=FeatureSettings(
+            norm_crop_frames=first.data.crop_frames or model_config(first.model).encoder.input_frames,
+            norm_samples=cfg.norm_samples, seed=cfg.corpus.seed, shard_mb=cfg.feature_shard_mb,
+            audio_roots=list(cfg.audio_roots)),
+        captions=CaptionSettings(model=first.model, prompt_template=cfg.prompt_template, shards=cfg.caption_shards,
+                                 trust_remote_code=cfg.trust_remote_code,
+                                 remote_code_sha256=cfg.remote_code_sha256.strip().lower()),
+        evaluation=EvaluationSettings(baseline_inits=cfg.baseline_inits, prompt_template=cfg.prompt_template,
+                                      models={name: section.model for name, section in cfg.stages.items()}),
+        registration=RegistrationSettings(registered_model=cfg.registered_model, primary_metric=cfg.primary_metric))
+
+
+def default_stages(preset: str) -> dict[str, TrainStageConfig]:
+    """Each registered stage's settings under ``preset`` (a stage added to the registry with a recipe of its own
+    takes that recipe's settings)."""
+    return {stage.name: stage_config(stage.recipe, preset) for stage in registry.STAGES}

@@ -18,35 +18,45 @@ from tqdm import tqdm
 from m2d2 import io
 from m2d2.data.demo import DemoCorpusConfig, generate_demo_corpus
 from m2d2.data.shards import FeatureConfig, build_shard, finish_store, plan_store, read_plan
-from m2d2.pipeline.config import CAPTION_BATCH, CAPTION_TOKENS_PER_ROW, PipelineConfig
+from m2d2.pipeline.config import (
+    CAPTION_BATCH,
+    CAPTION_TOKENS_PER_ROW,
+    CaptionSettings,
+    CorpusSettings,
+    FeatureSettings,
+)
 from m2d2.pipeline.workspace import _tracked, step_dir
 from m2d2.presets import model_config
 from m2d2.shards import ShardRef, plan_of, shard_refs
 
 
-def build_corpus(cfg: PipelineConfig) -> Path:
-    corpus = DemoCorpusConfig(seed=cfg.corpus.seed, train_per_class=cfg.corpus.train_per_class,
-                              eval_per_class=cfg.corpus.eval_per_class)
-    out = step_dir(cfg, "corpus", corpus)
+def build_corpus(settings: CorpusSettings, data_root: str | Path) -> Path:
+    """The generated demo corpus of ``settings`` under ``<data_root>/corpus/<key>``."""
+    corpus = DemoCorpusConfig(seed=settings.seed, train_per_class=settings.train_per_class,
+                              eval_per_class=settings.eval_per_class)
+    out = step_dir(data_root, "corpus", corpus)
     generate_demo_corpus(out, corpus)
     return out
 
 
-def _feature_config(cfg: PipelineConfig) -> FeatureConfig:
-    crop = cfg.stage1.data.crop_frames or model_config(cfg.stage1.model).encoder.input_frames
-    return FeatureConfig(norm_crop_frames=crop, norm_samples=cfg.norm_samples, seed=cfg.corpus.seed,
-                         shard_mb=cfg.feature_shard_mb, audio_roots=tuple(cfg.audio_roots))
+def feature_config(settings: FeatureSettings) -> FeatureConfig:
+    return FeatureConfig(norm_crop_frames=settings.norm_crop_frames, norm_samples=settings.norm_samples,
+                         seed=settings.seed, shard_mb=settings.shard_mb, audio_roots=tuple(settings.audio_roots))
 
 
-def plan_features(cfg: PipelineConfig, corpus_dir: str | Path, workspace: str = "") -> list[ShardRef]:
+def features_dir(settings: FeatureSettings, data_root: str | Path, corpus_dir: str | Path) -> Path:
+    """Where the log-mel store of ``corpus_dir`` under ``settings`` lives (content-keyed)."""
+    return step_dir(data_root, "features", feature_config(settings), corpus_dir)
+
+
+def plan_features(settings: FeatureSettings, data_root: str | Path, corpus_dir: str | Path,
+                  workspace: str = "") -> list[ShardRef]:
     """Plan the log-mel store of ``corpus_dir``: one ref per shard (``workspace``: the refs' cache-key salt).
 
     The store goes to a content-keyed directory under ``data_root``; shard tasks (:func:`build_feature_shard`, a
     Flyte map task on a cluster) read the plan by URI, so nothing large crosses a task boundary."""
-    features = _feature_config(cfg)
-    out = step_dir(cfg, "features", features, corpus_dir)
-    plan = plan_store(io.join(str(corpus_dir), "manifest.parquet"), str(out), str(corpus_dir), features,
-                      ("train", "eval"))
+    plan = plan_store(io.join(str(corpus_dir), "manifest.parquet"), str(features_dir(settings, data_root, corpus_dir)),
+                      str(corpus_dir), feature_config(settings), ("train", "eval"))
     return plan.refs(workspace)
 
 
@@ -70,35 +80,43 @@ def finish_features(plan_uri: str, parent_run_id: str | None = None) -> tuple[Pa
     return out, (run.run_id if run else None)
 
 
-def build_features(cfg: PipelineConfig, corpus_dir: str | Path,
+def build_features(settings: FeatureSettings, data_root: str | Path, corpus_dir: str | Path,
                    parent_run_id: str | None = None) -> tuple[Path, str | None]:
     """Log-mel store of every clip + normalisation stats from training crops of the stage-1 length, in one process:
     :func:`plan_features`, every :func:`build_feature_shard`, :func:`finish_features`."""
-    shards = plan_features(cfg, corpus_dir)
+    shards = plan_features(settings, data_root, corpus_dir)
     for ref in tqdm(shards, desc="log-mel shards", unit="shard", leave=False):
         build_feature_shard(ref)
     return finish_features(plan_of(shards), parent_run_id)
 
 
-def plan_captions(cfg: PipelineConfig, corpus_dir: str | Path, workspace: str = "") -> list[ShardRef]:
+def captions_dir(settings: CaptionSettings, data_root: str | Path, corpus_dir: str | Path) -> Path:
+    """Where the caption vectors of ``corpus_dir`` under ``settings`` live (keyed by the encoder, corpus, prompt;
+    not by the number of shards, which does not change the vectors)."""
+    text = model_config(settings.model).text.offline
+    return step_dir(data_root, "captions", text, corpus_dir, settings.prompt_template)
+
+
+def plan_captions(settings: CaptionSettings, data_root: str | Path, corpus_dir: str | Path,
+                  workspace: str = "") -> list[ShardRef]:
     """Plan the caption cache: every unique caption of every split plus the zero-shot prompts, cut into
-    ``cfg.caption_shards`` shards for the stage-1 text encoder. Returns one ref per shard (for
-    :func:`embed_caption_shard`, a map task on a cluster; ``workspace``: the refs' cache-key salt). The vectors
-    do not depend on the number of shards, so it is not part of the cache's key."""
+    ``settings.shards`` shards for the stage-1 text encoder. Returns one ref per shard (for
+    :func:`embed_caption_shard`, a map task on a cluster; ``workspace``: the refs' cache-key salt)."""
     from m2d2.text.cache import default_workdir
     from m2d2.text.encoders import RemoteCodePolicy
     from m2d2.text.shards import plan_shards
 
-    text = model_config(cfg.stage1.model).text.offline
-    out = step_dir(cfg, "captions", text, corpus_dir, cfg.prompt_template) / "captions.parquet"
+    text = model_config(settings.model).text.offline
+    out = captions_dir(settings, data_root, corpus_dir) / "captions.parquet"
     manifest = pq.read_table(Path(corpus_dir) / "manifest.parquet", columns=["captions", "labels"]).to_pydict()
     captions = {c for caps in manifest["captions"] for c in caps}
-    prompts = {cfg.prompt_template.format(label.replace("_", " ")) for labels in manifest["labels"] for label in labels}
+    prompts = {settings.prompt_template.format(label.replace("_", " "))
+               for labels in manifest["labels"] for label in labels}
     # bucket=False: text-ordered batches keep the demo's vectors bit-identical (see m2d2.text.cache.embed_captions);
     # the token budget splits only a batch that one very long caption would pad out.
-    plan = plan_shards(captions | prompts, cfg.caption_shards, text, bucket=False,
+    plan = plan_shards(captions | prompts, settings.shards, text, bucket=False,
                        max_tokens=CAPTION_BATCH * CAPTION_TOKENS_PER_ROW,
-                       remote_code=RemoteCodePolicy(cfg.trust_remote_code, cfg.remote_code_sha256.strip().lower()))
+                       remote_code=RemoteCodePolicy(settings.trust_remote_code, settings.remote_code_sha256))
     return shard_refs(plan.save(default_workdir(out)), plan.n_shards, workspace)
 
 
@@ -137,11 +155,11 @@ def finish_captions(plan_uri: str, parent_run_id: str | None = None) -> tuple[Pa
     return out, (run.run_id if run else None)
 
 
-def build_caption_cache(cfg: PipelineConfig, corpus_dir: str | Path,
+def build_caption_cache(settings: CaptionSettings, data_root: str | Path, corpus_dir: str | Path,
                         parent_run_id: str | None = None) -> tuple[Path, str | None]:
     """The caption cache in one process: :func:`plan_captions`, every :func:`embed_caption_shard`,
     :func:`finish_captions`."""
-    shards = plan_captions(cfg, corpus_dir)
+    shards = plan_captions(settings, data_root, corpus_dir)
     for ref in shards:
         embed_caption_shard(ref)
     return finish_captions(plan_of(shards), parent_run_id)

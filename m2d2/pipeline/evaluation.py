@@ -12,7 +12,7 @@ from m2d2.eval.clap import ClapEvalSet, evaluate_clap
 from m2d2.eval.metrics import mean_and_std
 from m2d2.models import M2D2
 from m2d2.pipeline import registry
-from m2d2.pipeline.config import PROMPT_TEMPLATE, PipelineConfig
+from m2d2.pipeline.config import PROMPT_TEMPLATE, EvaluationSettings
 from m2d2.presets import model_config
 from m2d2.text.cache import CaptionEmbeddings
 from m2d2.tracking import StageRun
@@ -26,7 +26,7 @@ def eval_set(feature_dir: str | Path, prompt_template: str = PROMPT_TEMPLATE) ->
 
 
 def evaluate_stages(
-    cfg: PipelineConfig,
+    settings: EvaluationSettings,
     feature_dir: str | Path,
     caption_cache: str | Path,
     exports: dict[str, str],
@@ -41,12 +41,12 @@ def evaluate_stages(
     Baselines keep the text side their stage starts from: a stage trained on the caption vectors is compared with a
     random audio encoder, projector and text map over the same vectors; a stage that starts from another stage's
     export (stage 2) with that frozen encoder, a fresh projector and the untouched pretrained text encoder. Each is
-    averaged over ``baseline_inits`` seeds. With ``report_dir``, the last stage's model also gets the full suite
+    averaged over ``settings.baseline_inits`` seeds. With ``report_dir``, the last stage's model also gets the full suite
     (:func:`m2d2.eval.suite.evaluate_suite`: linear probe, R@50, confusion matrix, t-SNE, projector attention) and
     its HTML report, logged to MLflow.
     """
     stages = registry.STAGES
-    data = eval_set(feature_dir, cfg.prompt_template)
+    data = eval_set(feature_dir, settings.prompt_template)
     cache = CaptionEmbeddings(caption_cache)
 
     def offline_text(texts: list[str]) -> torch.Tensor:
@@ -55,7 +55,7 @@ def evaluate_stages(
     results: dict[str, float] = {}
     models: dict[str, M2D2] = {}
     for stage in stages:
-        prefix = registry.metric_prefix(stage.name)
+        prefix = stage.name
         if stage.evaluation == "tagging":
             _put(results, prefix, (stage_metrics or {}).get(stage.name, {}))
             continue
@@ -66,14 +66,14 @@ def evaluate_stages(
         else:
             _put(results, prefix, evaluate_clap(model, data))
     for name in dict.fromkeys(s.baseline for s in stages if s.evaluation == "clap" and s.baseline):
-        _put(results, f"{registry.metric_prefix(name)}_baseline",
-             _baseline(cfg, registry.stage(name, stages), models[name], exports, data, offline_text))
+        _put(results, f"{name}_baseline",
+             _baseline(settings, registry.stage(name, stages), models[name], exports, data, offline_text))
     results["num_classes"] = float(len(data.class_names))
     results["num_eval_clips"] = float(len(data.labels))
     for stage in stages:
         if stage.evaluation == "clap" and stage.baseline:
-            prefix, base = registry.metric_prefix(stage.name), registry.metric_prefix(stage.baseline)
-            results[f"{prefix}_zs_gain"] = results[f"{prefix}/zs_acc"] - results[f"{base}_baseline/zs_acc"]
+            results[f"{stage.name}_zs_gain"] = (results[f"{stage.name}/zs_acc"]
+                                                 - results[f"{stage.baseline}_baseline/zs_acc"])
     final_stage = stages[-1]
     suite = None
     if report_dir is not None:
@@ -85,7 +85,7 @@ def evaluate_stages(
                                                                                         "t2a_R50", "zs_"))})
     run_id = None
     if parent_run_id:
-        params = {"baseline_inits": cfg.baseline_inits, "prompt_template": cfg.prompt_template,
+        params = {"baseline_inits": settings.baseline_inits, "prompt_template": settings.prompt_template,
                   **{s.name: str(exports[s.name]) for s in stages}}
         with StageRun(parent_run_id, "evaluate", params=params) as run:
             run.log_metrics(results, step=0)
@@ -98,19 +98,19 @@ def evaluate_stages(
     return results, run_id
 
 
-def _baseline(cfg: PipelineConfig, stage: registry.Stage, trained: M2D2, exports: dict[str, str], data: ClapEvalSet,
+def _baseline(settings: EvaluationSettings, stage: registry.Stage, trained: M2D2, exports: dict[str, str], data: ClapEvalSet,
               offline_text) -> dict[str, float]:
-    """Mean and std over ``cfg.baseline_inits`` seeds of the random-initialisation baseline of ``stage``."""
+    """Mean and std over ``settings.baseline_inits`` seeds of the random-initialisation baseline of ``stage``."""
     baselines = []
     if stage.trains_on == registry.CAPTIONS:
-        for k in range(cfg.baseline_inits):
+        for k in range(settings.baseline_inits):
             torch.manual_seed(10_000 + k)
             baselines.append(evaluate_clap(M2D2(trained.config, with_m2d=False), data, text_embedder=offline_text))
         return mean_and_std(baselines)
     # Only the fresh projector differs between seeds: the frozen encoder and the untouched pretrained text encoder
     # are the same for every seed, so the text vectors are computed once and each seed re-draws the projector.
     fresh = M2D2.from_pretrained(str(exports[stage.trains_on]))
-    fresh.start_stage2(model_config(getattr(cfg, stage.section).model).text.encoder)
+    fresh.start_stage2(model_config(settings.models[stage.name]).text.encoder)
     texts = sorted({c for caps in data.captions for c in caps} | set(data.prompts()))
     with torch.inference_mode():
         raw = torch.cat([fresh.text_encoder(texts[i : i + 64]) for i in range(0, len(texts), 64)])
@@ -119,7 +119,7 @@ def _baseline(cfg: PipelineConfig, stage: registry.Stage, trained: M2D2, exports
     def pretrained_text(batch: list[str]) -> torch.Tensor:
         return raw[[row[t] for t in batch]]
 
-    for k in range(cfg.baseline_inits):
+    for k in range(settings.baseline_inits):
         torch.manual_seed(20_000 + k)
         fresh.audio_proj.reset_parameters()
         baselines.append(evaluate_clap(fresh, data, text_embedder=pretrained_text))

@@ -6,7 +6,7 @@ its model is evaluated. Everything that walks the pipeline reads this table: the
 (:func:`m2d2.pipeline.runner.run`), the Flyte workflow (``workflows/full.py``), evaluation and tracking.
 
 Adding a stage is one :class:`Stage` entry here plus its runner (a function with the signature of
-:func:`m2d2.train.stages.run_stage1`) and its settings section in :class:`~m2d2.pipeline.config.PipelineConfig`.
+:func:`m2d2.train.stages.run_stage1`) and its settings under its name in each preset (``PipelineConfig.stages``).
 """
 
 from __future__ import annotations
@@ -27,14 +27,20 @@ class Stage:
     workflow is compiled from it at registration, where only the wiring is needed.
     """
 
-    name: str  # the stage's one spelling: MLflow tags, directories, logs
-    section: str  # the PipelineConfig field holding its TrainStageConfig
+    name: str  # the stage's one spelling: its PipelineConfig.stages key, directories, MLflow runs and metrics, logs
     trains_on: str  # CAPTIONS, or the name of the stage whose export it starts from
     runner: str  # "package.module:function", called as runner(cfg, feature_dir, source, out_dir, parent, ckpt_root)
     optional: bool = False  # may be switched off (section.enabled = False): its input then passes through
     evaluation: Literal["clap", "tagging"] = "clap"  # CLAP zero-shot/retrieval, or the tagging mAP it reports
     baseline: str = ""  # the stage whose random-initialisation baseline a CLAP stage is compared with
     title: str = ""  # for people: "stage 1.1"
+    # The training recipe its settings hold (TrainStageConfig.stage: what the runner does): its own name, unless
+    # the stage repeats another's recipe (a second stage-2.1 round on other data would say "stage2.1").
+    recipe: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.recipe:
+            object.__setattr__(self, "recipe", self.name)
 
     def load_runner(self) -> Callable:
         module, _, function = self.runner.partition(":")
@@ -42,11 +48,11 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("stage1", "stage1", CAPTIONS, "m2d2.train.stages:run_stage1", baseline="stage1", title="stage 1"),
-    Stage("stage1.1", "stage11", "stage1", "m2d2.train.stages:run_stage11", optional=True, evaluation="tagging",
+    Stage("stage1", CAPTIONS, "m2d2.train.stages:run_stage1", baseline="stage1", title="stage 1"),
+    Stage("stage1.1", "stage1", "m2d2.train.stages:run_stage1_1", optional=True, evaluation="tagging",
           title="stage 1.1"),
-    Stage("stage2", "stage2", "stage1.1", "m2d2.train.stages:run_stage2", baseline="stage2", title="stage 2"),
-    Stage("stage2.1", "stage21", "stage2", "m2d2.train.stages:run_stage21", optional=True, baseline="stage2",
+    Stage("stage2", "stage1.1", "m2d2.train.stages:run_stage2", baseline="stage2", title="stage 2"),
+    Stage("stage2.1", "stage2", "m2d2.train.stages:run_stage2_1", optional=True, baseline="stage2",
           title="stage 2.1"),
 )
 
@@ -71,9 +77,10 @@ def stage(name: str, stages: tuple[Stage, ...] = STAGES) -> Stage:
     raise KeyError(f"unknown stage {name!r}; the pipeline has {[s.name for s in stages]}")
 
 
-def metric_prefix(name: str) -> str:
-    """The stage's prefix in metric names (MLflow metric keys of the evaluation: ``stage21/zs_acc``)."""
-    return name.replace(".", "")
+def identifier(name: str) -> str:
+    """The stage's name where a Python identifier is needed (a Flyte task, a runner function): ``stage1_1``. Every
+    other place — config keys, directories, MLflow runs and metric keys (``stage2.1/zs_acc``) — spells it ``name``."""
+    return name.replace(".", "_")
 
 
 check_stages(STAGES)

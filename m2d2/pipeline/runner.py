@@ -20,9 +20,16 @@ from typing import Any
 
 from m2d2 import io
 from m2d2.pipeline import registry
-from m2d2.pipeline.config import PipelineConfig
-from m2d2.pipeline.registry import CAPTIONS, Stage, metric_prefix
-from m2d2.pipeline.workspace import rooted, step_key, workspace_token
+from m2d2.pipeline.config import (
+    CaptionSettings,
+    EvaluationSettings,
+    FeatureSettings,
+    PipelineConfig,
+    RegistrationSettings,
+    step_settings,
+)
+from m2d2.pipeline.registry import CAPTIONS, Stage
+from m2d2.pipeline.workspace import root_of, rooted, step_key, workspace_token
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +90,7 @@ def run_stage(stage: Stage, section: Any, workspace: str, feature_dir: str, sour
             raise ValueError(f"{stage.name} cannot be switched off: later stages need its export")
         log.info("%s is switched off: %s passes through", stage.name, source.path)
         return source
-    data_root = workspace.rsplit("#", 1)[0]
+    data_root = root_of(workspace)
     out = stage_dir(data_root, stage, section, feature_dir, source.source())
     done = recorded(out, must_exist=("model/config.json",))
     if done is not None:
@@ -106,31 +113,28 @@ def _is_rank0() -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ data steps
-def features_step(cfg: PipelineConfig, corpus_dir: str, parent_run_id: str | None) -> StepOutput:
+def features_step(settings: FeatureSettings, data_root: str, corpus_dir: str,
+                  parent_run_id: str | None) -> StepOutput:
     """The corpus's log-mel store (plan -> shards -> finish), reused when it is complete for these settings."""
-    from m2d2.pipeline.data import _feature_config, build_features
-    from m2d2.pipeline.workspace import step_dir
+    from m2d2.pipeline.data import build_features, features_dir
 
     def make() -> StepOutput:
-        path, run_id = build_features(cfg, corpus_dir, parent_run_id)
+        path, run_id = build_features(settings, data_root, corpus_dir, parent_run_id)
         return StepOutput(path=str(Path(path).resolve()), mlflow_run_id=run_id or "")
 
-    return _reuse_or_run(step_dir(cfg, "features", _feature_config(cfg), corpus_dir), ("stats.json",), make)
+    return _reuse_or_run(features_dir(settings, data_root, corpus_dir), ("stats.json",), make)
 
 
-def captions_step(cfg: PipelineConfig, corpus_dir: str, parent_run_id: str | None) -> StepOutput:
+def captions_step(settings: CaptionSettings, data_root: str, corpus_dir: str,
+                  parent_run_id: str | None) -> StepOutput:
     """The caption vectors of the stage-1 text encoder, reused when complete for these settings."""
-    from m2d2.pipeline.data import build_caption_cache
-    from m2d2.pipeline.workspace import step_dir
-    from m2d2.presets import model_config
-
-    text = model_config(cfg.stage1.model).text.offline
+    from m2d2.pipeline.data import build_caption_cache, captions_dir
 
     def make() -> StepOutput:
-        path, run_id = build_caption_cache(cfg, corpus_dir, parent_run_id)
+        path, run_id = build_caption_cache(settings, data_root, corpus_dir, parent_run_id)
         return StepOutput(path=str(Path(path).parent.resolve()), mlflow_run_id=run_id or "")
 
-    return _reuse_or_run(step_dir(cfg, "captions", text, corpus_dir, cfg.prompt_template), (CAPTION_FILE,), make)
+    return _reuse_or_run(captions_dir(settings, data_root, corpus_dir), (CAPTION_FILE,), make)
 
 
 def _reuse_or_run(directory: Path, must_exist: tuple[str, ...], make) -> StepOutput:
@@ -143,20 +147,20 @@ def _reuse_or_run(directory: Path, must_exist: tuple[str, ...], make) -> StepOut
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
-def evaluate_step(cfg: PipelineConfig, features: StepOutput, captions: StepOutput, stages: dict[str, StepOutput],
-                  parent_run_id: str | None) -> tuple[StepOutput, Path]:
+def evaluate_step(settings: EvaluationSettings, data_root: str, features: StepOutput, captions: StepOutput,
+                  stages: dict[str, StepOutput], parent_run_id: str | None) -> tuple[StepOutput, Path]:
     """Every stage's metrics against its baseline and the final model's report; reused when nothing changed."""
     from m2d2.pipeline.evaluation import evaluate_stages
 
     exports = {s.name: stages[s.name].path for s in registry.STAGES}
-    directory = Path(cfg.data_root) / "evaluate" / step_key(
-        cfg.baseline_inits, cfg.prompt_template, [(s.name, getattr(cfg, s.section).model, exports[s.name])
-                                                  for s in registry.STAGES])
+    directory = Path(data_root) / "evaluate" / step_key(
+        settings.baseline_inits, settings.prompt_template, [(s.name, settings.models[s.name], exports[s.name])
+                                                            for s in registry.STAGES])
     report_dir = directory / "report"
 
     def make() -> StepOutput:
         metrics, run_id = evaluate_stages(
-            cfg, features.path, Path(captions.path) / CAPTION_FILE, exports, parent_run_id,
+            settings, features.path, Path(captions.path) / CAPTION_FILE, exports, parent_run_id,
             stage_metrics={name: out.metrics for name, out in stages.items()}, report_dir=report_dir)
         return StepOutput(path=str(report_dir.resolve()), mlflow_run_id=run_id or "", metrics=metrics)
 
@@ -173,16 +177,17 @@ class Registration:
     reason: str
 
 
-def register_step(cfg: PipelineConfig, final: StepOutput, evaluation: StepOutput) -> Registration:
+def register_step(settings: RegistrationSettings, data_root: str, final: StepOutput,
+                  evaluation: StepOutput) -> Registration:
     """Register the final export once per (export, scores): re-running an unchanged pipeline adds no version."""
     from m2d2.registry import register_model
 
-    directory = Path(cfg.data_root) / "register" / step_key(cfg.registered_model, cfg.primary_metric, final.path,
-                                                             sorted(evaluation.metrics.items()))
+    directory = Path(data_root) / "register" / step_key(settings.registered_model, settings.primary_metric,
+                                                         final.path, sorted(evaluation.metrics.items()))
     record = directory / "registration.json"
     if record.is_file():
         return Registration(**json.loads(record.read_text()))
-    result = register_model(final.path, cfg.registered_model, evaluation.metrics, cfg.primary_metric,
+    result = register_model(final.path, settings.registered_model, evaluation.metrics, settings.primary_metric,
                             run_id=evaluation.mlflow_run_id or None)
     registration = Registration(model_uri=result.model_uri, version=str(result.version), promoted=result.promoted,
                                 reason=result.reason)
@@ -191,7 +196,7 @@ def register_step(cfg: PipelineConfig, final: StepOutput, evaluation: StepOutput
 
 
 # ------------------------------------------------------------------------------------------------ summary
-def finish(cfg: PipelineConfig, parent_run_id: str, outputs: dict[str, StepOutput], evaluation: StepOutput,
+def finish(data_root: str, parent_run_id: str, outputs: dict[str, StepOutput], evaluation: StepOutput,
            registration: Registration) -> Path:
     """Record which steps were reused (and the runs that produced them), log the headline metrics, close the
     parent run and write the summary ``m2d2 summary`` prints. Returns the summary's path."""
@@ -207,10 +212,10 @@ def finish(cfg: PipelineConfig, parent_run_id: str, outputs: dict[str, StepOutpu
                               "m2d2.registration_reason": registration.reason})
     summary = {"mlflow_parent_run_id": parent_run_id, "tracking_uri": tracking_uri(), "cache_hits": hits,
                "metrics": evaluation.metrics,
-               **{f"{metric_prefix(s.name)}_model": outputs[s.name].path for s in registry.STAGES},
+               **{f"{s.name}_model": outputs[s.name].path for s in registry.STAGES},
                "report": evaluation.path,
                "registration": dataclasses.asdict(registration)}
-    return write_pipeline_summary(cfg.data_root, summary)
+    return write_pipeline_summary(data_root, summary)
 
 
 @dataclass
@@ -236,18 +241,20 @@ def run(cfg: PipelineConfig, execution: str | None = None) -> PipelineResult:
     parent = start_pipeline_run(execution or f"local-{uuid.uuid4().hex[:12]}", experiment=cfg.experiment,
                                 params=dataclasses.asdict(cfg), tags={"m2d2.preset": cfg.preset,
                                                                       "m2d2.driver": "m2d2.pipeline.run"})
+    settings = step_settings(cfg)
     source = resolve_corpus_source(cfg.corpus_source)
-    corpus_dir = source or str(build_corpus(cfg))
+    corpus_dir = source or str(build_corpus(settings.corpus, cfg.data_root))
     outputs: dict[str, StepOutput] = {
-        "features": features_step(cfg, corpus_dir, parent),
-        "embed": captions_step(cfg, corpus_dir, parent),
+        "features": features_step(settings.features, cfg.data_root, corpus_dir, parent),
+        "embed": captions_step(settings.captions, cfg.data_root, corpus_dir, parent),
     }
     for stage in registry.STAGES:
         upstream = outputs["embed"] if stage.trains_on == CAPTIONS else outputs[stage.trains_on]
-        outputs[stage.name] = run_stage(stage, getattr(cfg, stage.section), workspace, outputs["features"].path,
+        outputs[stage.name] = run_stage(stage, cfg.stages[stage.name], workspace, outputs["features"].path,
                                         upstream, parent, cfg.run_key)
     stages = {s.name: outputs[s.name] for s in registry.STAGES}
-    evaluation, _ = evaluate_step(cfg, outputs["features"], outputs["embed"], stages, parent)
-    registration = register_step(cfg, stages[registry.STAGES[-1].name], evaluation)
-    summary = finish(cfg, parent, outputs, evaluation, registration)
+    evaluation, _ = evaluate_step(settings.evaluation, cfg.data_root, outputs["features"], outputs["embed"], stages,
+                                  parent)
+    registration = register_step(settings.registration, cfg.data_root, stages[registry.STAGES[-1].name], evaluation)
+    summary = finish(cfg.data_root, parent, outputs, evaluation, registration)
     return PipelineResult(outputs, evaluation, registration, summary, parent)

@@ -35,9 +35,14 @@ def workspace_token(data_root: str) -> str:
     return f"{root}#{io.read_bytes(marker).decode().strip()}"
 
 
+def root_of(workspace: str) -> str:
+    """The absolute data root of a workspace token."""
+    return workspace.rsplit("#", 1)[0]
+
+
 def rooted(cfg: PipelineConfig, workspace: str) -> PipelineConfig:
     """``cfg`` with ``data_root`` set to the workspace's absolute root."""
-    return dataclasses.replace(cfg, data_root=workspace.rsplit("#", 1)[0])
+    return dataclasses.replace(cfg, data_root=root_of(workspace))
 
 
 def step_key(*parts: Any) -> str:
@@ -49,8 +54,9 @@ def step_key(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def step_dir(cfg: PipelineConfig, step: str, *parts: Any) -> Path:
-    return Path(cfg.data_root) / step / step_key(*parts)
+def step_dir(data_root: str | Path, step: str, *parts: Any) -> Path:
+    """``<data_root>/<step>/<key of parts>``: the same settings and inputs always map to the same directory."""
+    return Path(data_root) / step / step_key(*parts)
 
 
 def _tracked(parent_run_id: str | None, stage: str, **kwargs: Any) -> StageRun | None:

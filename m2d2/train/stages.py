@@ -84,7 +84,7 @@ def run_stage1(cfg: TrainStageConfig, feature_dir: str, caption_cache: str, out_
                 inputs={"features": feature_dir, "captions": caption_cache})
 
 
-def run_stage11(cfg: TrainStageConfig, feature_dir: str, stage1_export: str, out_dir: str,
+def run_stage1_1(cfg: TrainStageConfig, feature_dir: str, stage1_export: str, out_dir: str,
                 parent_run_id: str | None = None, checkpoint_root: str | None = None) -> StageOutput:
     """Stage 1.1: supervised multi-label fine-tuning of the stage-1 encoder at ``cfg.data.crop_frames`` (608 -> 1001).
 
@@ -136,19 +136,19 @@ def run_stage11(cfg: TrainStageConfig, feature_dir: str, stage1_export: str, out
                 params={"classes": classes})
 
 
-def run_stage2(cfg: TrainStageConfig, feature_dir: str, stage11_export: str, out_dir: str,
+def run_stage2(cfg: TrainStageConfig, feature_dir: str, stage1_1_export: str, out_dir: str,
                parent_run_id: str | None = None, checkpoint_root: str | None = None) -> StageOutput:
     """Stage 2: frozen (stage-1.1) encoder, fresh projector, trainable transformers text encoder, CLAP only."""
     _expect(cfg, "stage2")
     init_distributed(cfg.topology.timeout_minutes)
     torch.manual_seed(cfg.seed)
-    model = M2D2.from_pretrained(stage11_export)
+    model = M2D2.from_pretrained(stage1_1_export)
     model.start_stage2(model_config(cfg.model).text.encoder)
     return _run_clap(cfg, model, feature_dir, out_dir, parent_run_id, checkpoint_root,
-                     inputs={"features": feature_dir, "encoder": stage11_export})
+                     inputs={"features": feature_dir, "encoder": stage1_1_export})
 
 
-def run_stage21(cfg: TrainStageConfig, feature_dir: str, stage2_export: str, out_dir: str,
+def run_stage2_1(cfg: TrainStageConfig, feature_dir: str, stage2_export: str, out_dir: str,
                 parent_run_id: str | None = None, checkpoint_root: str | None = None) -> StageOutput:
     """Stage 2.1: stage 2's weights (projector, text encoder, logit scale) trained on with ``cfg.augment.mask_ratio``
     (0.0) on the curated subset; a new optimiser and schedule, as the reference's ``--finetune``."""
@@ -164,7 +164,7 @@ def run_stage21(cfg: TrainStageConfig, feature_dir: str, stage2_export: str, out
 
 
 #: The entry point of each stage, by stage name.
-STAGE_RUNNERS = {"stage1": run_stage1, "stage1.1": run_stage11, "stage2": run_stage2, "stage2.1": run_stage21}
+STAGE_RUNNERS = {"stage1": run_stage1, "stage1.1": run_stage1_1, "stage2": run_stage2, "stage2.1": run_stage2_1}
 
 
 def _run_clap(cfg: TrainStageConfig, model: M2D2, feature_dir: str, out_dir: str, parent_run_id: str | None,
