@@ -1,4 +1,5 @@
-"""A Flyte workflow of the workflow's shape (plan -> map over ShardRefs -> finish), for tests/integration/test_shard_primitive.py."""
+"""A Flyte workflow of the workflow's shape (plan -> map over ShardRefs -> finish), for
+tests/integration/test_shard_primitive.py."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """What the Flyte tasks rely on, without importing the workflow module: snapshot resolution, pass-through of
-disabled stages and a data root every task sees (the workflow module itself, imported here as `make demo` gets it
-and serialised by `pyflyte package` for the cluster, is checked in tests/integration/test_flyte_entities.py: importing
+disabled stages and a data root every task sees. The workflow module itself, imported as `make demo` gets it and
+serialised by `pyflyte package` for the cluster, is checked in tests/integration/test_flyte_entities.py (importing
 flytekit and the workflow takes ~8 s on 2 cores).
 """
 
