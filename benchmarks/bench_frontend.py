@@ -2,7 +2,7 @@
 
 Prints seconds of audio processed per second of compute and the ratio, both measured here in one process.
 The float64 STFT keeps the log-mel within 3e-4 of an exact reference (float32 misses by up to 1.15e-3 on
-full-scale tones, see tests/test_audio.py); this shows what that accuracy costs.
+full-scale tones, see tests/unit/test_audio.py); this shows what that accuracy costs.
 
     python benchmarks/bench_frontend.py [--seconds 10] [--batch 8] [--repeat 5]
 """

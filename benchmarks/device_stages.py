@@ -28,11 +28,14 @@ Sections, in order (``--only`` picks some):
   (``M2D2_FAULT_AT_STEP``), resumed. Whether the weights end bitwise equal; if not, the loss-trajectory agreement;
   and which kernels PyTorch flags as nondeterministic in a stage-1 step.
 
-    python benchmarks/device_stages.py                          # GPU preset (<= 8 min on an H100/H200)
-    python benchmarks/device_stages.py --preset cpu-smoke        # tiny shapes on CPU (CI)
-    python benchmarks/device_stages.py --only stage1,resume --out stages.json
+    python -m benchmarks.device_stages                          # GPU preset (<= 8 min on an H100/H200)
+    python -m benchmarks.device_stages --preset cpu-smoke        # tiny shapes on CPU (CI)
+    python -m benchmarks.device_stages --only stage1,resume --out stages.json
 
-Nothing here is asserted: the figures are the result (``tests/test_device_stages.py`` checks the CPU rehearsal).
+Run it as a module from the repository root: it imports its siblings as ``benchmarks.bench_embed`` and
+``benchmarks.capacity_model``. Nothing here is asserted: the figures are the result
+(``tests/integration/test_device_stages.py`` checks the CPU rehearsal, ``tests/unit/test_device_stages.py`` its
+pieces).
 """
 
 from __future__ import annotations
@@ -66,10 +69,8 @@ if not os.environ.get("DS_ACCELERATOR"):
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark modules
-from bench_embed import synthetic_captions  # noqa: E402
-from capacity_model import BERT_BASE, MISTRAL_7B, Assumptions  # noqa: E402
-
+from benchmarks.bench_embed import synthetic_captions
+from benchmarks.capacity_model import BERT_BASE, MISTRAL_7B, Assumptions
 from m2d2 import presets
 from m2d2.models import M2D2, M2D2Config, OfflineTextConfig, TransformersTextConfig
 from m2d2.models.tagger import FineTuneModel, expand_encoder_frames
@@ -78,6 +79,7 @@ from m2d2.train.config import TrainStageConfig
 from m2d2.train.engine import FAULT_EXIT_CODE
 from m2d2.train.objectives import CLASSIFIER_DIR, HEAD_FILE, ClapObjective, FineTuneObjective
 
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the directory that holds the benchmarks package
 STAGES = ("stage1", "stage1.1", "stage2", "stage2.1")
 SECTIONS = (*STAGES, "inference", "captions", "resume")
 PREVIOUS = {"stage1.1": "stage1", "stage2": "stage1.1", "stage2.1": "stage2"}
@@ -746,10 +748,13 @@ def resume_worker(spec: dict[str, Any]) -> None:
 
 def _worker_env() -> dict[str, str]:
     """This environment without the rendezvous variables the in-process DeepSpeed init left (a child would try to
-    bind the parent's MASTER_PORT) or a fault injection meant for someone else."""
+    bind the parent's MASTER_PORT) or a fault injection meant for someone else, and with the repository root first
+    on PYTHONPATH: the worker runs as ``python -m benchmarks.device_stages`` from any working directory."""
     drop = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK",
             "M2D2_FAULT_AT_STEP"}
-    return {k: v for k, v in os.environ.items() if k not in drop}
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return env
 
 
 def _run_worker(spec: dict[str, Any], deadline: float, fault_at: int | None = None) -> dict[str, Any]:
@@ -758,7 +763,7 @@ def _run_worker(spec: dict[str, Any], deadline: float, fault_at: int | None = No
         env["M2D2_FAULT_AT_STEP"] = str(fault_at)
     began = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--resume-worker", json.dumps(spec)],
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.device_stages", "--resume-worker", json.dumps(spec)],
                               env=env, capture_output=True, text=True,
                               timeout=max(30.0, deadline - time.perf_counter()))
     except subprocess.TimeoutExpired as exc:

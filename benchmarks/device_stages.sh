@@ -3,7 +3,7 @@
 # transformers, pyarrow; no network): all four training stages at paper shapes under bf16 with compiled blocks,
 # inference parity, offline caption embedding with a 7-B decoder, kill and resume; <= 8 minutes. Prepare here:
 #   make device-wheels                                                         # DeepSpeed + small wheels into .whl/
-#   .venv/bin/python benchmarks/device_stages.py --save-tokenizer .whl/tokenizer  # bert-base-uncased WordPiece files
+#   .venv/bin/python -m benchmarks.device_stages --save-tokenizer .whl/tokenizer  # bert-base-uncased WordPiece files
 # then run with carry [".whl"], timeout_s 560:
 #   bash benchmarks/device_stages.sh        (figures to $OUT/device_stages.json, device_stages.log, gpu.txt)
 # Extra arguments go to the entry point (e.g. --only stage1,resume, --compile off, --budget-s 300).
@@ -14,5 +14,5 @@ out="${OUT:-.}"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 extra=()
 if [ -d .whl/tokenizer ]; then extra=(--tokenizer .whl/tokenizer); fi  # else the script trains a WordPiece vocabulary
-python3 benchmarks/device_stages.py --preset gpu --out "$out/device_stages.json" --workdir /tmp/device_stages \
+python3 -m benchmarks.device_stages --preset gpu --out "$out/device_stages.json" --workdir /tmp/device_stages \
   ${extra[@]+"${extra[@]}"} "$@" 2>&1 | tee "$out/device_stages.log"

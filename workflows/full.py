@@ -324,11 +324,11 @@ def _run_stage(name: str, section: TrainStageConfig, workspace: str, features: A
 
 
 # One task per stage of m2d2.pipeline.registry.STAGES. Flyte needs each task as a module-level function of its own,
-# fixed at registration with its own Elastic topology and resources, so a new stage adds its three lines here too, named by
-# m2d2.pipeline.registry.identifier (Python names hold no dot: stage1_1 runs stage 1.1)
-# (tests/test_flyte_entities.py checks that every registered stage has its task). The workflow below walks the
-# registry; the tasks take only their own config section, so changing one stage's settings re-runs that stage and
-# what follows it, and is a cache hit for everything before it.
+# fixed at registration with its own Elastic topology and resources, so a new stage adds its three lines here too,
+# named by m2d2.pipeline.registry.identifier (Python names hold no dot: stage1_1 runs stage 1.1)
+# (tests/integration/test_flyte_entities.py checks that every registered stage has its task). The workflow below
+# walks the registry; the tasks take only their own config section, so changing one stage's settings re-runs that
+# stage and what follows it, and is a cache hit for everything before it.
 @_training_task("stage1", "stage1-4")
 def stage1(section: TrainStageConfig, workspace: str, features: Artifact, source: Artifact, run_key: str,
            parent_run_id: str) -> Artifact:

