@@ -47,8 +47,12 @@ def _cpu() -> str:
 
 
 def _platform() -> dict[str, str]:
-    """What the exact bytes depend on besides the code: float kernels differ across torch builds and CPUs."""
-    return {"torch": torch.__version__, "cpu": _cpu(), "machine": platform.machine()}
+    """What the exact bytes depend on besides the code: float kernels differ across torch builds and CPUs. The CPU's
+    name is not enough: two "AMD EPYC" generations run torch's AVX2 or its AVX-512 kernels, whose sums round
+    differently (the demo's stage-2 zero-shot figure moved from 0.383 to 0.371 between two such machines, same
+    commit), so the kernel family torch picked is part of the key."""
+    return {"torch": torch.__version__, "cpu": _cpu(), "machine": platform.machine(),
+            "kernels": torch.backends.cpu.get_cpu_capability()}
 
 
 def _digests(result) -> dict[str, str]:
