@@ -193,7 +193,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"m2d2 run: {exc}".replace("\n", " "), file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    result = run(cfg)
+    from m2d2.data.views import ViewError
+
+    try:
+        result = run(cfg)
+    except ViewError as exc:  # a stage's data would not do: say so plainly, before any training
+        print(f"m2d2 run: {exc}", file=sys.stderr)
+        return 2
     print(f"summary: {result.summary}  (m2d2 summary --data-root {cfg.data_root})")
     return 0
 

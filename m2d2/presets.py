@@ -101,7 +101,13 @@ def _paper_stages() -> dict[str, TrainStageConfig]:
     # 8 loader workers per rank: the task requests 10 CPUs per GPU, and 8 cores cut crops faster than a GPU steps
     # (docs/presets.md). 4 GPUs for stages 1, 2 and 2.1: the published run (4 x 512 = batch 2048).
     # Stage 1, paper section IV-A: 300 epochs (20 warm-up) at batch 2048, base lr 3e-4, AdamW (0.9, 0.95).
-    stage1 = TrainStageConfig(stage="stage1", model="paper", data=DataConfig(num_workers=8),
+    # Views (paper section IV-A, m2d2.data.views): stage 1 = AudioSet + VGGSound + WavCaps without the recordings of
+    # AudioCaps, Clotho, ESC-50 and US8K; stage 1.1 = AudioSet; stage 2 = stage 1's + AudioCaps and Clotho training
+    # clips; stage 2.1 = WavCaps + AudioCaps + Clotho. The evaluation split is excluded from every view.
+    held_out = ["audiocaps", "clotho", "esc50", "us8k"]
+    stage1 = TrainStageConfig(stage="stage1", model="paper",
+                              data=DataConfig(num_workers=8, sources=["audioset", "vggsound", "wavcaps"],
+                                              exclude_overlap_with=held_out),
                               topology=TopologyConfig(nproc_per_node=4), optim=OptimConfig(base_lr=3e-4),
                               schedule=ScheduleConfig(epochs=300, warmup_epochs=20, global_batch=2048))
     # Stage 1.1 = the reference's AudioSet fine-tuning (nttcslab/m2d util/ft-as2m.sh): LARS lr 2.0 at batch 64
@@ -109,14 +115,17 @@ def _paper_stages() -> dict[str, TrainStageConfig]:
     # 15 warm-up, cosine to 1e-7, mixup 0.5, SpecAugment 30/192, structured patch-out 0.5, 608 -> 1001 frames.
     stage1_1 = TrainStageConfig(
         stage="stage1.1", model="paper",
-        data=DataConfig(crop_frames=1001, balanced_sampling=True, samples_per_epoch=200_000, num_workers=8),
+        data=DataConfig(crop_frames=1001, balanced_sampling=True, samples_per_epoch=200_000, num_workers=8,
+                        sources=["audioset"]),
         optim=OptimConfig(name="lars", base_lr=2.0 * 256 / 64, min_lr=1e-7, weight_decay=0.0, momentum=0.9,
                           grad_clip=None),
         schedule=ScheduleConfig(epochs=70, warmup_epochs=15, global_batch=64),
         augment=AugmentConfig(mixup_alpha=0.5, freq_mask=30, time_mask=192, patch_out=0.5))
     # Stage 2: 30 epochs (5 warm-up) at batch 2048, base lr 3e-6, 10-s crops (1001 frames: the length stage 1.1
     # grew the encoder to); input masking is the model's clap.stage2_mask_ratio (0.3).
-    stage2 = TrainStageConfig(stage="stage2", model="paper", data=DataConfig(crop_frames=1001, num_workers=8),
+    stage2 = TrainStageConfig(stage="stage2", model="paper",
+                              data=DataConfig(crop_frames=1001, num_workers=8, exclude_overlap_with=held_out,
+                                              sources=["audioset", "vggsound", "wavcaps", "audiocaps", "clotho"]),
                               topology=TopologyConfig(nproc_per_node=4), optim=OptimConfig(base_lr=3e-6),
                               schedule=ScheduleConfig(epochs=30, warmup_epochs=5, global_batch=2048))
     # Stage 2.1: stage 2's recipe continued from its weights (a new optimiser and schedule, as the reference's

@@ -34,6 +34,7 @@ from m2d2.pipeline import (
     PipelineConfig,
     RegistrationSettings,
     StepSettings,
+    ViewSettings,
 )
 from m2d2.pipeline.registry import identifier
 from m2d2.pipeline.runner import Registration  # a task output as the library returns it
@@ -269,6 +270,16 @@ def finish_captions(shards: list[ShardRef], embedded: list[int], parent_run_id: 
     return Artifact(path=_out(out.parent), mlflow_run_id=run_id or "")
 
 
+@cpu_task("small", cache=Cache(version="views-1", ignored_inputs=TRACKING))
+def check_views(settings: dict[str, ViewSettings], workspace: str, features: Artifact, parent_run_id: str) -> Artifact:
+    """Every stage's view of the corpus, resolved before any stage trains: a view too small to train on fails here
+    with one plain message (not inside an Elastic launch hours later). Counts and removals go to MLflow."""
+    from m2d2.pipeline import root_of
+    from m2d2.pipeline.runner import views_step
+
+    return _artifact(views_step(settings, root_of(workspace), _step(features), parent_run_id or None))
+
+
 def _train(fn, *args, **kwargs):
     """Run a stage; failures worth a retry (lost peer, collective timeout, storage) become Flyte-retryable."""
     from flytekit.exceptions.user import FlyteRecoverableException
@@ -425,12 +436,15 @@ def full(cfg: PipelineConfig = PipelineConfig()) -> FlyteFile:  # noqa: B008 (Fl
     caption_shards = plan_captions(settings=settings.captions, workspace=workspace, corpus=corpus)
     embedded = map_task(caption_shard, concurrency=MAP_CONCURRENCY)(ref=caption_shards)
     captions = finish_captions(shards=caption_shards, embedded=embedded, parent_run_id=parent)
-    outputs = {"features": features, "embed": captions}
+    views = check_views(settings=settings.views, workspace=workspace, features=features, parent_run_id=parent)
+    outputs = {"features": features, "embed": captions, "views": views}
     for stage in STAGES:
         source = captions if stage.trains_on == CAPTIONS else outputs[stage.trains_on]
         outputs[stage.name] = stage_task(stage.name)(section=cfg.stages[stage.name], workspace=workspace,
                                                       features=features, source=source, run_key=cfg.run_key,
                                                       parent_run_id=parent)
+        if stage.trains_on == CAPTIONS:
+            views >> outputs[stage.name]  # no stage starts before every view is checked
     stages = {stage.name: outputs[stage.name] for stage in STAGES}
     scores = evaluate(settings=settings.evaluation, workspace=workspace, features=features, captions=captions,
                       stages=stages, parent_run_id=parent)

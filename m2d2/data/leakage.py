@@ -68,6 +68,39 @@ def select(table: pa.Table, sources: Iterable[str] = (), splits: Iterable[str] =
     return table.filter(mask)
 
 
+class HeldOutIndex:
+    """Held-out clips by clip id, origin and content hash: the one matching rule of the leakage filter and of the
+    per-stage views (:mod:`m2d2.data.views`). ``tables`` need ``clip_id``, ``source``, ``origin`` and
+    ``content_hash`` columns (a manifest, or a feature store's index)."""
+
+    def __init__(self, tables: Sequence[pa.Table], blocked_origins: Iterable[str] = ()):
+        self.by_id: dict[str, tuple[str, str]] = {}
+        self.by_origin: dict[str, tuple[str, str]] = {}
+        self.by_hash: dict[str, tuple[str, str]] = {}
+        for table in tables:
+            for clip_id, source, origin, digest in zip(*(table.column(c).to_pylist() for c in
+                                                         ("clip_id", "source", "origin", "content_hash")), strict=True):
+                self.by_id.setdefault(clip_id, (clip_id, source))
+                if origin:
+                    self.by_origin.setdefault(origin, (clip_id, source))
+                if digest:
+                    self.by_hash.setdefault(digest, (clip_id, source))
+        self.blocked = set(blocked_origins)
+
+    def match(self, clip_id: str, origin: str | None, digest: str | None
+              ) -> tuple[str, str, str | None, str | None] | None:
+        """``(reason, key, held_out_clip_id, held_out_source)`` of the first rule that matches, else None."""
+        if clip_id in self.by_id:
+            return ("clip_id", clip_id, *self.by_id[clip_id])
+        if origin and origin in self.by_origin:
+            return ("origin", origin, *self.by_origin[origin])
+        if digest and digest in self.by_hash:
+            return ("content_hash", digest, *self.by_hash[digest])
+        if origin and origin in self.blocked:
+            return ("blacklist", origin, None, None)
+        return None
+
+
 def filter_leakage(
     manifest: pa.Table,
     held_out: pa.Table | Sequence[pa.Table],
@@ -81,19 +114,7 @@ def filter_leakage(
     """
     manifest = validate_manifest(manifest)
     tables = [held_out] if isinstance(held_out, pa.Table) else list(held_out)
-    by_id: dict[str, tuple[str, str]] = {}
-    by_origin: dict[str, tuple[str, str]] = {}
-    by_hash: dict[str, tuple[str, str]] = {}
-    for table in tables:
-        table = validate_manifest(table)
-        for clip_id, source, origin, digest in zip(*(table.column(c).to_pylist() for c in
-                                                     ("clip_id", "source", "origin", "content_hash")), strict=True):
-            by_id.setdefault(clip_id, (clip_id, source))
-            if origin:
-                by_origin.setdefault(origin, (clip_id, source))
-            if digest:
-                by_hash.setdefault(digest, (clip_id, source))
-    blocked = set(blocked_origins)
+    index = HeldOutIndex([validate_manifest(t) for t in tables], blocked_origins)
     check = set(splits)
     cols = {c: manifest.column(c).to_pylist() for c in ("clip_id", "source", "split", "audio_uri", "origin",
                                                          "content_hash")}
@@ -104,19 +125,11 @@ def filter_leakage(
             continue
         clip_id, origin, digest = cols["clip_id"][i], cols["origin"][i], cols["content_hash"][i]
         unhashed += digest is None
-        match: tuple[str, str, tuple[str | None, str | None]] | None = None
-        if clip_id in by_id:
-            match = ("clip_id", clip_id, by_id[clip_id])
-        elif origin and origin in by_origin:
-            match = ("origin", origin, by_origin[origin])
-        elif digest and digest in by_hash:
-            match = ("content_hash", digest, by_hash[digest])
-        elif origin and origin in blocked:
-            match = ("blacklist", origin, (None, None))
+        match = index.match(clip_id, origin, digest)
         if match is None:
             keep.append(i)
             continue
-        reason, key, (held_id, held_source) = match
+        reason, key, held_id, held_source = match
         removed.append({"clip_id": clip_id, "source": cols["source"][i], "split": cols["split"][i],
                         "audio_uri": cols["audio_uri"][i], "reason": reason, "key": key,
                         "held_out_clip_id": held_id, "held_out_source": held_source})

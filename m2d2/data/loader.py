@@ -26,23 +26,6 @@ from m2d2.text.choice import choose_caption
 log = logging.getLogger(__name__)
 
 
-def select_clips(store: LogMelStore, sources: Sequence[str] = (), min_captions: int = 0) -> list[int]:
-    """Indices of the clips of ``sources`` (all when empty) with at least ``min_captions`` captions.
-
-    This is how a curated subset is named (stage 2.1 of the paper trains on WavCaps + AudioCaps + Clotho only).
-    An empty selection is an error: training on nothing is never what was meant.
-    """
-    wanted = {s for s in sources if s}
-    all_sources, all_captions = list(store.sources), list(store.captions)  # one bulk read of the index columns
-    chosen = [i for i in range(len(store))
-              if (not wanted or all_sources[i] in wanted) and len(all_captions[i]) >= min_captions]
-    if not chosen:
-        have = sorted(set(all_sources))
-        raise ValueError(f"no '{store.split}' clip matches sources={sorted(wanted) or 'any'} with >= {min_captions} "
-                         f"captions (the store has sources {have})")
-    return chosen
-
-
 class _Crops(torch.utils.data.Dataset):
     """Random crops of the clips ``subset`` (default: all) of a store; ``item(i)`` adds what a stage needs."""
 

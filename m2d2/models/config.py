@@ -15,7 +15,8 @@ from typing import Any, Literal
 
 from m2d2.config import from_dict
 
-# Reference normalisation statistics of the released 2025 weights; a placeholder until computed from data.
+# What the reference loaders assume when a checkpoint stores no norm_stats (its 2022 and 2024 releases); the 2025
+# CLAP weights store their own, [-7.26178, 4.35115]. A placeholder until a model's statistics come from its data.
 DEFAULT_NORM_MEAN = -7.1
 DEFAULT_NORM_STD = 4.2
 

@@ -142,6 +142,19 @@ class RegistrationSettings:
 
 
 @dataclass
+class ViewSettings:
+    """One stage's view of the corpus (its ``data`` selection settings, see :mod:`m2d2.data.views`) and the batch it
+    must fill: what the view check reads."""
+
+    sources: list[str] = field(default_factory=list)
+    exclude_overlap_with: list[str] = field(default_factory=list)
+    min_captions: int = 0
+    min_clips: int = 1
+    global_batch: int = 1
+    samples_per_epoch: int | None = None
+
+
+@dataclass
 class StepSettings:
     """What every non-training step reads, derived from one :class:`PipelineConfig` by :func:`step_settings`."""
 
@@ -150,6 +163,7 @@ class StepSettings:
     captions: CaptionSettings
     evaluation: EvaluationSettings
     registration: RegistrationSettings
+    views: dict[str, ViewSettings] = field(default_factory=dict)  # every enabled stage's, by stage name
 
 
 def step_settings(cfg: PipelineConfig) -> StepSettings:
@@ -165,7 +179,13 @@ def step_settings(cfg: PipelineConfig) -> StepSettings:
                                  remote_code_sha256=cfg.remote_code_sha256.strip().lower()),
         evaluation=EvaluationSettings(baseline_inits=cfg.baseline_inits, prompt_template=cfg.prompt_template,
                                       models={name: section.model for name, section in cfg.stages.items()}),
-        registration=RegistrationSettings(registered_model=cfg.registered_model, primary_metric=cfg.primary_metric))
+        registration=RegistrationSettings(registered_model=cfg.registered_model, primary_metric=cfg.primary_metric),
+        views={name: ViewSettings(sources=list(section.data.sources),
+                                  exclude_overlap_with=list(section.data.exclude_overlap_with),
+                                  min_captions=section.data.min_captions, min_clips=section.data.min_clips,
+                                  global_batch=section.schedule.global_batch,
+                                  samples_per_epoch=section.data.samples_per_epoch)
+               for name, section in cfg.stages.items() if section.enabled})
 
 
 def default_stages(preset: str) -> dict[str, TrainStageConfig]:

@@ -26,6 +26,7 @@ from m2d2.pipeline.config import (
     FeatureSettings,
     PipelineConfig,
     RegistrationSettings,
+    ViewSettings,
     step_settings,
 )
 from m2d2.pipeline.registry import CAPTIONS, Stage
@@ -135,6 +136,59 @@ def captions_step(settings: CaptionSettings, data_root: str, corpus_dir: str,
         return StepOutput(path=str(Path(path).parent.resolve()), mlflow_run_id=run_id or "")
 
     return _reuse_or_run(captions_dir(settings, data_root, corpus_dir), (CAPTION_FILE,), make)
+
+
+def views_step(settings: dict[str, ViewSettings], data_root: str, features: StepOutput,
+               parent_run_id: str | None) -> StepOutput:
+    """Resolve every enabled stage's view of the corpus before any stage trains (:mod:`m2d2.data.views`): an empty
+    or too-small view fails here, in one message. Writes ``views.json`` (clips per stage and source, removals by
+    reason) and ``removed.parquet`` (each clip a stage may not see, and why), both logged to MLflow as the
+    ``views`` run with the counts as metrics (``stage1/clips``, ``stage1/removed_origin``, ...)."""
+    import pyarrow as pa
+
+    from m2d2.data.views import ViewRule, check_views
+    from m2d2.pipeline.workspace import _tracked, step_dir
+
+    directory = step_dir(data_root, "views", sorted((k, dataclasses.asdict(v)) for k, v in settings.items()),
+                         features.path)
+
+    def make() -> StepOutput:
+        rules = {stage: (ViewRule(tuple(v.sources), tuple(v.exclude_overlap_with), v.min_captions, v.min_clips),
+                         v.global_batch, v.samples_per_epoch) for stage, v in settings.items()}
+        views = check_views(features.path, rules)
+        metrics = {f"{stage}/{k}": v for stage, view in views.items() for k, v in view.metrics().items()}
+        removed = [view.removed.append_column("stage", pa.array([stage] * view.removed.num_rows, pa.string()))
+                   for stage, view in views.items()]
+        directory.mkdir(parents=True, exist_ok=True)
+        io.atomic_write_bytes(directory / "removed.parquet", _parquet(pa.concat_tables(removed) if removed else None))
+        io.atomic_write_bytes(directory / "views.json", json.dumps(metrics, indent=2, sort_keys=True).encode())
+        for stage, view in views.items():
+            log.info("%s: %d training clips (%s), %d removed as overlapping", stage, len(view.clips),
+                     ", ".join(f"{s} {n}" for s, n in sorted(view.by_source.items())), view.removed.num_rows)
+        run = _tracked(parent_run_id, "views", params={"features": features.path})
+        run_id = ""
+        if run is not None:
+            with run:
+                run.log_metrics(metrics, step=0)
+                run.log_artifact(str(directory / "views.json"))
+                run.log_artifact(str(directory / "removed.parquet"))
+                run_id = run.run_id or ""
+        return StepOutput(path=str(directory.resolve()), mlflow_run_id=run_id, metrics=metrics)
+
+    return _reuse_or_run(directory, ("views.json",), make)
+
+
+def _parquet(table) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from m2d2.data.leakage import REMOVED_SCHEMA
+
+    if table is None:
+        table = pa.Table.from_pylist([], schema=REMOVED_SCHEMA.append(pa.field("stage", pa.string())))
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
 
 
 def _reuse_or_run(directory: Path, must_exist: tuple[str, ...], make) -> StepOutput:
@@ -248,6 +302,7 @@ def run(cfg: PipelineConfig, execution: str | None = None) -> PipelineResult:
         "features": features_step(settings.features, cfg.data_root, corpus_dir, parent),
         "embed": captions_step(settings.captions, cfg.data_root, corpus_dir, parent),
     }
+    outputs["views"] = views_step(settings.views, cfg.data_root, outputs["features"], parent)
     for stage in registry.STAGES:
         upstream = outputs["embed"] if stage.trains_on == CAPTIONS else outputs[stage.trains_on]
         outputs[stage.name] = run_stage(stage, cfg.stages[stage.name], workspace, outputs["features"].path,

@@ -35,8 +35,13 @@ class DataConfig:
     """Which clips a stage trains on, how long its crops are, and how the loader delivers them."""
 
     crop_frames: int | None = None  # None: the model's encoder.input_frames
-    sources: list[str] = field(default_factory=list)  # training subset: clips of these sources (empty: all) ...
-    min_captions: int = 0  # ... with at least this many captions
+    # The stage's view of the corpus (m2d2.data.views): clips of these sources (empty: all) ...
+    sources: list[str] = field(default_factory=list)
+    min_captions: int = 0  # ... with at least this many captions ...
+    # ... minus every clip that is the same recording (clip id, origin, content hash) as a clip of these sources
+    # (never for overlapping its own source); the evaluation split is always excluded the same way.
+    exclude_overlap_with: list[str] = field(default_factory=list)
+    min_clips: int = 1  # a smaller view fails when the execution starts (so does one with less than one batch)
     balanced_sampling: bool = False  # AudioSet-style class-balanced weights, drawn without replacement
     samples_per_epoch: int | None = None  # clips drawn per epoch; None: every clip once
     num_workers: int = 0  # loader processes per rank (crops are cut and collated there)
@@ -45,8 +50,11 @@ class DataConfig:
     def __post_init__(self) -> None:
         _at_least(self, 1, "crop_frames", "samples_per_epoch", "prefetch_factor")
         _at_least(self, 0, "min_captions", "num_workers")
-        if any(not s or s != s.strip() or "," in s for s in self.sources):
-            raise ValueError(f"sources={self.sources!r}: one source name per list item (no commas, no blank names)")
+        _at_least(self, 1, "min_clips")
+        for name in ("sources", "exclude_overlap_with"):
+            names = getattr(self, name)
+            if any(not s or s != s.strip() or "," in s for s in names):
+                raise ValueError(f"{name}={names!r}: one source name per list item (no commas, no blank names)")
 
 
 @dataclass

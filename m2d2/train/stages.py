@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from m2d2.data.features import LogMelStore, load_norm_stats
-from m2d2.data.loader import CropDataset, LabeledCropDataset, WeightedOrder, select_clips
+from m2d2.data.loader import CropDataset, LabeledCropDataset, WeightedOrder
+from m2d2.data.views import ViewRule, resolve_view
 from m2d2.models import M2D2
 from m2d2.models.presets import model_config
 from m2d2.models.tagger import FineTuneModel, expand_encoder_frames
@@ -56,13 +57,14 @@ def _crop(cfg: TrainStageConfig, model: M2D2) -> int:
     return crop
 
 
-def _subset(cfg: TrainStageConfig, store: LogMelStore) -> list[int] | None:
-    if not cfg.data.sources and cfg.data.min_captions <= 0:
-        return None
-    chosen = select_clips(store, cfg.data.sources, cfg.data.min_captions)
-    log.info("%s: training subset of %d / %d clips (sources %s, >= %d captions)", cfg.stage, len(chosen),
-             len(store), cfg.data.sources or "any", cfg.data.min_captions)
-    return chosen
+def _subset(cfg: TrainStageConfig, store: LogMelStore) -> list[int]:
+    """The stage's view of the store's training clips (:func:`m2d2.data.views.resolve_view`): its sources and
+    caption count, minus recordings it must not see. The pipeline checked it before any stage started."""
+    view = resolve_view(store.uri, cfg.stage, ViewRule.of(cfg.data, cfg.data.min_clips), cfg.schedule.global_batch,
+                        cfg.data.samples_per_epoch)
+    log.info("%s: training view of %d / %d clips (%s; %d removed as overlapping)", cfg.stage, len(view.clips),
+             len(store), ViewRule.of(cfg.data).describe(), view.removed.num_rows)
+    return view.clips
 
 
 def run_stage1(cfg: TrainStageConfig, feature_dir: str, caption_cache: str, out_dir: str,

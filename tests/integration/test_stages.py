@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from m2d2.data.features import LogMelStore, load_norm_stats
-from m2d2.data.loader import select_clips
+from m2d2.data.views import ViewError, ViewRule, resolve_view
 from m2d2.models import M2D2
 from m2d2.models.tagger import resample_pos_embed
 from m2d2.presets import model_config, stage_config
@@ -77,11 +77,12 @@ def test_stage2_uses_the_stage11_encoder_frozen_and_stage21_continues_stage2(cha
 
 def test_stage21_trains_on_the_curated_subset_only(chain, caplog):
     store = LogMelStore(chain["features"], "train")
-    chosen = select_clips(store, min_captions=3)
+    chosen = resolve_view(chain["features"], "stage2.1", ViewRule(min_captions=3)).clips
     assert 0 < len(chosen) < len(store) and all(len(store.captions[i]) >= 3 for i in chosen)
-    assert select_clips(store, sources=["demo"]) == list(range(len(store)))
-    with pytest.raises(ValueError, match="no 'train' clip matches"):
-        select_clips(store, sources=["audiocaps"])
+    assert resolve_view(chain["features"], "x", ViewRule(sources=("demo",))).clips == list(range(len(store)))
+    with pytest.raises(ViewError, match=r"x: its training view has 0 clips, it needs at least 1 \(rule: "
+                                        r"sources=\['audiocaps'\]\).*Change data.sources"):
+        resolve_view(chain["features"], "x", ViewRule(sources=("audiocaps",)))
     assert stage_config("stage2.1", "paper").data.sources == ["wavcaps", "audiocaps", "clotho"]
     assert stage_config("stage2.1", "paper").augment.mask_ratio == 0.0
 
