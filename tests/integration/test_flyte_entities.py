@@ -77,7 +77,8 @@ def test_training_tasks_are_pytorch_jobs_on_gpus(package):
 @pytest.mark.slow
 def test_cpu_tasks_use_the_cpu_image_without_gpus(package):
     cpu_tasks = {"open_workspace", "start_tracking", "resolve_corpus", "make_corpus", "plan_features",
-                 "feature_shard", "finish_features", "plan_captions", "finish_captions", "evaluate", "finish_tracking"}
+                 "feature_shard", "finish_features", "plan_captions", "finish_captions", "evaluate", "finish_tracking",
+                 "split_settings", "check_views"}
     assert cpu_tasks | set(TRAINING) <= set(package)
     for name in cpu_tasks:
         template = package[name]["template"]

@@ -75,18 +75,22 @@ def test_smoke_pipeline_in_process_matches_golden_and_reruns_only_what_changed(t
     assert digests == golden["exports"], "the smoke pipeline's exports changed: a change of behaviour (see docstring)"
     summary = json.loads(first.summary.read_text())
     assert not any(summary["cache_hits"].values()) and first.registration.promoted
+    # every stage's view was checked first and its clip count logged (the smoke corpus: 20 training clips, 10 with
+    # 3 captions for stage 2.1; its evaluation clips share no recording with them)
+    views = first.outputs["views"].metrics
+    assert views["stage1/clips"] == 20 and views["stage2.1/clips"] == 10 and views["stage1/removed"] == 0
 
     # The same config again: every step is reused, with the run that produced it.
     again = run(cfg)
     hits = json.loads(again.summary.read_text())["cache_hits"]
-    assert all(hits.values()) and set(hits) == {"features", "embed", "evaluate", *(s.name for s in STAGES)}
+    assert all(hits.values()) and set(hits) == {"features", "embed", "views", "evaluate", *(s.name for s in STAGES)}
     assert again.outputs["stage2"].mlflow_run_id == first.outputs["stage2"].mlflow_run_id
 
     # Stage 2.1's settings changed: it and what follows it run again; everything before it is reused.
     changed = dataclasses.replace(cfg, stages={**cfg.stages, "stage2.1": cfg.stages["stage2.1"].replace(seed=1)})
     third = run(changed)
     hits = json.loads(third.summary.read_text())["cache_hits"]
-    assert hits == {"features": True, "embed": True, "stage1": True, "stage1.1": True, "stage2": True,
+    assert hits == {"features": True, "embed": True, "views": True, "stage1": True, "stage1.1": True, "stage2": True,
                     "stage2.1": False, "evaluate": False}
     assert third.outputs["stage2.1"].path != first.outputs["stage2.1"].path
     assert third.registration.version != first.registration.version  # a new model, a new version
