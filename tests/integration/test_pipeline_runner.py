@@ -111,3 +111,20 @@ def test_smoke_pipeline_in_process_matches_golden_and_reruns_only_what_changed(t
 
     with pytest.raises(KeyError, match="has no task for it"):
         wf.stage_task("stage2.2")
+
+
+def test_a_stage_whose_view_is_too_small_fails_before_any_training(tmp_path, monkeypatch, capsys):
+    """A corpus with one caption per clip under a stage-2.1 rule of >= 3 captions: `m2d2 run` stops after the data
+    steps with one plain message naming the stage, the rule, the corpus and the setting — no stage has started."""
+    from m2d2.cli import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("stages:\n  stage2.1:\n    data:\n      min_captions: 9\n")
+    data_root = tmp_path / "data"
+    assert main(["run", "--preset", "smoke", "--cfg", str(cfg), "--data-root", str(data_root)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("m2d2 run: stage2.1: its training view has 0 clips, it needs at least 1 (rule: "
+                          "sources=any, >= 9 captions; 0 clips match before leakage removal)."), err
+    assert "Change data.min_captions (no clip has more than 3 captions) in stages.stage2.1." in err
+    assert (data_root / "features").is_dir() and not any((data_root / s.name).exists() for s in STAGES)
