@@ -47,6 +47,9 @@ class PipelineConfig:
     primary_metric: str = "stage2.1/zs_acc"  # the "champion" alias moves only when this beats the incumbent
     prompt_template: str = PROMPT_TEMPLATE
     norm_samples: int = 5000
+    # Waveforms shorter than this are zero-padded (silence) before the log-mel, for training crops and the
+    # normalisation statistics alike, as the reference's pre-processing pads to 6.1 s; 0 keeps every clip as it is.
+    min_clip_seconds: float = 6.1
     feature_shard_mb: float = 256.0  # log-mel shard size: the unit of the feature map task and of S3 fetches
     caption_shards: int = 1  # caption-embedding shards: the elements of the embedding map task (one GPU each)
     # Absolute audio_uri values of the corpus must lie under the corpus directory or under one of these roots
@@ -71,6 +74,8 @@ class PipelineConfig:
                              "yet for data_root.")
         if self.run_key:  # it names a directory under data_root; checkpoints there are pruned
             io.check_token(self.run_key, "run_key")
+        if not 0.0 <= self.min_clip_seconds <= 30.0:  # the store decodes at most 30 s of a clip
+            raise ValueError(f"min_clip_seconds={self.min_clip_seconds}: must be in [0, 30] (0: no padding)")
         if self.feature_shard_mb <= 0 or self.caption_shards < 1:
             raise ValueError(f"need feature_shard_mb > 0 and caption_shards >= 1, got {self.feature_shard_mb}, "
                              f"{self.caption_shards}")
@@ -109,6 +114,7 @@ class FeatureSettings:
     seed: int
     shard_mb: float
     audio_roots: list[str] = field(default_factory=list)
+    min_seconds: float = 0.0  # zero-pad shorter waveforms to this length before the log-mel
 
 
 @dataclass
@@ -173,7 +179,7 @@ def step_settings(cfg: PipelineConfig) -> StepSettings:
         features=FeatureSettings(
             norm_crop_frames=first.data.crop_frames or model_config(first.model).encoder.input_frames,
             norm_samples=cfg.norm_samples, seed=cfg.corpus.seed, shard_mb=cfg.feature_shard_mb,
-            audio_roots=list(cfg.audio_roots)),
+            audio_roots=list(cfg.audio_roots), min_seconds=cfg.min_clip_seconds),
         captions=CaptionSettings(model=first.model, prompt_template=cfg.prompt_template, shards=cfg.caption_shards,
                                  trust_remote_code=cfg.trust_remote_code,
                                  remote_code_sha256=cfg.remote_code_sha256.strip().lower()),

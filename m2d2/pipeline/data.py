@@ -41,7 +41,8 @@ def build_corpus(settings: CorpusSettings, data_root: str | Path) -> Path:
 
 def feature_config(settings: FeatureSettings) -> FeatureConfig:
     return FeatureConfig(norm_crop_frames=settings.norm_crop_frames, norm_samples=settings.norm_samples,
-                         seed=settings.seed, shard_mb=settings.shard_mb, audio_roots=tuple(settings.audio_roots))
+                         seed=settings.seed, shard_mb=settings.shard_mb, audio_roots=tuple(settings.audio_roots),
+                         min_seconds=settings.min_seconds)
 
 
 def features_dir(settings: FeatureSettings, data_root: str | Path, corpus_dir: str | Path) -> Path:
