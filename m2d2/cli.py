@@ -204,6 +204,43 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_corpus(args: argparse.Namespace) -> int:
+    """``m2d2 corpus``: audio on disk + metadata -> a validated corpus snapshot (:mod:`m2d2.data.corpus`)."""
+    import logging
+
+    import yaml
+
+    from m2d2.data.corpus import CorpusSpecError, SourceSpec, build_snapshot
+    from m2d2.data.manifest import ManifestError
+    from m2d2.data.sources import SourceFormatError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        specs = []
+        if args.spec:
+            data = yaml.safe_load(Path(args.spec).read_text()) or {}
+            if not isinstance(data, dict) or not isinstance(data.get("sources"), list):
+                raise CorpusSpecError(f"{args.spec}: expected 'sources:' with a list of sources")
+            unknown = sorted(set(data) - {"sources"})
+            if unknown:
+                raise CorpusSpecError(f"{args.spec}: unknown key(s) {', '.join(unknown)}; known: sources")
+            specs += [SourceSpec.from_dict(s, f"{args.spec}: sources[{k}]") for k, s in enumerate(data["sources"])]
+        if args.folder:
+            folder = {"audio_root": args.folder, "source": args.source, "split": "train"}
+            if args.captions:
+                folder["csv_path"] = args.captions
+            if args.eval_fraction:
+                folder["eval_fraction"] = args.eval_fraction
+            specs.append(SourceSpec.from_dict({"kind": "folder", **folder}, "--folder"))
+        snapshot = build_snapshot(specs, args.out, name=args.name, probe=not args.no_probe, workers=args.workers)
+    except (CorpusSpecError, SourceFormatError, ManifestError, FileExistsError, FileNotFoundError, OSError,
+            yaml.YAMLError, ValueError) as exc:
+        print(f"m2d2 corpus: {exc}", file=sys.stderr)
+        return 2
+    print(snapshot.describe())
+    return 0
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     path = Path(args.data_root) / SUMMARY_FILE
     if not path.exists():
@@ -305,6 +342,19 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--cfg", help="JSON/YAML PipelineConfig; its keys overlay the preset")
     run.add_argument("--data-root", help="where every step writes (default: the preset's, ./runs)")
     run.set_defaults(func=cmd_run)
+    corpus = sub.add_parser("corpus", help="audio on disk + metadata -> a validated corpus snapshot to train on")
+    corpus.add_argument("--out", required=True, help="snapshot prefix (local or s3://); the snapshot goes to OUT/NAME")
+    corpus.add_argument("--name", help="snapshot name (default: the UTC time, e.g. 2026-12-06T101500Z)")
+    corpus.add_argument("--folder", help="a folder of audio files (with --captions: a CSV describing them)")
+    corpus.add_argument("--captions", help="CSV: file_name, caption or caption_1..N, labels (';'), split, origin")
+    corpus.add_argument("--source", default="custom", help="source name of the folder's clips (default custom)")
+    corpus.add_argument("--eval-fraction", type=float, default=0.0,
+                        help="hold out this share of the folder's clips for evaluation (by clip-id hash)")
+    corpus.add_argument("--spec", help="YAML: sources: [{kind: audiocaps|clotho|wavcaps|audioset|vggsound|esc50|"
+                                       "us8k|folder, audio_root: ..., <the adapter's arguments>}]")
+    corpus.add_argument("--no-probe", action="store_true", help="skip reading every file (no hashes, no quarantine)")
+    corpus.add_argument("--workers", type=int, default=8, help="files probed in parallel")
+    corpus.set_defaults(func=cmd_corpus)
     summary = sub.add_parser("summary", help="headline numbers of the last pipeline execution")
     summary.add_argument("--data-root", default="runs")
     summary.set_defaults(func=cmd_summary)

@@ -60,7 +60,7 @@ class LeakageReport:
 
 def select(table: pa.Table, sources: Iterable[str] = (), splits: Iterable[str] = ()) -> pa.Table:
     """Rows of ``table`` from ``sources`` and ``splits`` (empty = any), e.g. ``select(m, ["audiocaps"], ["test"])``."""
-    mask = pa.array([True] * table.num_rows)
+    mask = pa.array([True] * table.num_rows, pa.bool_())
     if sources := list(sources):
         mask = pc.and_(mask, pc.is_in(table.column("source"), value_set=pa.array(sources)))
     if splits := list(splits):
