@@ -136,8 +136,9 @@ def _paper_stages() -> dict[str, TrainStageConfig]:
 
 
 def _paper_pipeline() -> dict[str, Any]:
-    # 16 caption shards: ~2.5 M unique captions through a 7-B encoder, one GPU pod per shard
-    return {"caption_shards": 16}
+    # 16 caption shards: ~2.5 M unique captions through a 7-B encoder, one GPU pod per shard; waveforms padded to
+    # 6.1 s before the log-mel, as the reference's pre-processing does
+    return {"caption_shards": 16, "min_clip_seconds": 6.1}
 
 
 # -- demo

@@ -48,8 +48,9 @@ class PipelineConfig:
     prompt_template: str = PROMPT_TEMPLATE
     norm_samples: int = 5000
     # Waveforms shorter than this are zero-padded (silence) before the log-mel, for training crops and the
-    # normalisation statistics alike, as the reference's pre-processing pads to 6.1 s; 0 keeps every clip as it is.
-    min_clip_seconds: float = 6.1
+    # normalisation statistics alike, as the reference's pre-processing pads to 6.1 s (the paper preset); 0 keeps
+    # every clip as it is (the demo: docs/presets.md).
+    min_clip_seconds: float = 0.0
     feature_shard_mb: float = 256.0  # log-mel shard size: the unit of the feature map task and of S3 fetches
     caption_shards: int = 1  # caption-embedding shards: the elements of the embedding map task (one GPU each)
     # Absolute audio_uri values of the corpus must lie under the corpus directory or under one of these roots
