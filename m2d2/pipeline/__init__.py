@@ -19,6 +19,7 @@ from m2d2.pipeline.config import (
     PipelineConfig,
     RegistrationSettings,
     StepSettings,
+    ViewSettings,
     default_stages,
     step_settings,
 )
@@ -50,7 +51,7 @@ from m2d2.pipeline.workspace import (
 __all__ = [
     "CAPTION_BATCH", "CAPTION_TOKENS_PER_ROW", "LATEST", "PROMPT_TEMPLATE", "STAGES", "WORKSPACE_FILE",
     "CaptionSettings", "CorpusSettings", "EvaluationSettings", "FeatureSettings", "PipelineConfig", "PipelineResult",
-    "RegistrationSettings", "Stage", "StepOutput", "StepSettings", "build_caption_cache", "build_corpus",
+    "RegistrationSettings", "Stage", "StepOutput", "StepSettings", "ViewSettings", "build_caption_cache", "build_corpus",
     "build_feature_shard", "build_features", "default_stages", "embed_caption_shard", "eval_set", "evaluate_stages",
     "finish_captions", "finish_features", "plan_captions", "plan_features", "resolve_corpus_source", "root_of",
     "rooted", "run", "run_stage", "step_dir", "step_key", "step_settings", "workspace_token",
