@@ -175,6 +175,7 @@ def _too_small(view: View, rule: ViewRule, needed: int, sources: Sequence[str],
                     "overlapping)")
     if not hint:
         hint.append("the corpus (add clips) or schedule.global_batch")
-    return (f"{view.stage}: its training view has {len(view.clips)} clips, it needs at least {needed} "
+    why = " (one global batch)" if needed > rule.min_clips else ""
+    return (f"{view.stage}: its training view has {len(view.clips)} clips, it needs at least {needed}{why} "
             f"(rule: {rule.describe()}; {view.candidates} clips match before leakage removal). The corpus's "
             f"training split has {corpus}. Change {' or '.join(hint)} in stages.{view.stage}.")

@@ -123,8 +123,10 @@ def test_a_stage_whose_view_is_too_small_fails_before_any_training(tmp_path, mon
     cfg.write_text("stages:\n  stage2.1:\n    data:\n      min_captions: 9\n")
     data_root = tmp_path / "data"
     assert main(["run", "--preset", "smoke", "--cfg", str(cfg), "--data-root", str(data_root)]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("m2d2 run: stage2.1: its training view has 0 clips, it needs at least 1 (rule: "
-                          "sources=any, >= 9 captions; 0 clips match before leakage removal)."), err
-    assert "Change data.min_captions (no clip has more than 3 captions) in stages.stage2.1." in err
+    message = [line for line in capsys.readouterr().err.splitlines() if line.startswith("m2d2 run:")]
+    assert len(message) == 1, message  # one line, after the data steps' progress bars
+    assert message[0].startswith("m2d2 run: stage2.1: its training view has 0 clips, it needs at least 8 (one "
+                                 "global batch) (rule: sources=any, >= 9 captions; 0 clips match before leakage "
+                                 "removal)."), message
+    assert message[0].endswith("Change data.min_captions (no clip has more than 3 captions) in stages.stage2.1.")
     assert (data_root / "features").is_dir() and not any((data_root / s.name).exists() for s in STAGES)
