@@ -36,6 +36,7 @@ from m2d2 import io
 from m2d2.data import sources as adapters
 from m2d2.data.leakage import filter_leakage, select
 from m2d2.data.manifest import probe_manifest, validate_manifest, write_manifest
+from m2d2.data.shards import parquet_bytes
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +176,8 @@ def build_snapshot(sources: Sequence[SourceSpec], prefix: str, name: str | None 
     held_out = select(manifest, splits=EVAL_SPLITS)
     report = filter_leakage(manifest, held_out, splits=("train",))
     manifest = report.kept
-    io.atomic_write_bytes(io.join(uri, "quarantine.parquet"), _parquet(quarantine))
-    io.atomic_write_bytes(io.join(uri, "leakage.parquet"), _parquet(report.removed))
+    io.atomic_write_bytes(io.join(uri, "quarantine.parquet"), parquet_bytes(quarantine))
+    io.atomic_write_bytes(io.join(uri, "leakage.parquet"), parquet_bytes(report.removed))
     snapshot = Snapshot(uri=uri, clips=_counts(manifest), quarantined=_reasons(quarantine),
                         leakage=report.counts(), audio_roots=sorted(set(roots)))
     summary = {"clips": snapshot.clips, "quarantined": snapshot.quarantined, "leakage": snapshot.leakage,
@@ -224,14 +225,6 @@ def _reasons(quarantine: pa.Table) -> dict[str, int]:
     for kind in quarantine.column("kind").to_pylist():
         out[kind] = out.get(kind, 0) + 1
     return out
-
-
-def _parquet(table: pa.Table) -> bytes:
-    import pyarrow.parquet as pq
-
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    return sink.getvalue().to_pybytes()
 
 
 def _pipeline_yaml(uri: str, roots: list[str], max_captions: int) -> str:

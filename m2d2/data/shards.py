@@ -258,7 +258,8 @@ def _read_json(uri: str) -> dict[str, Any] | None:
         return None
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
+def parquet_bytes(table: pa.Table) -> bytes:
+    """``table`` as Parquet file bytes, for an atomic write to a local path or ``s3://``."""
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     return sink.getvalue().to_pybytes()
@@ -384,8 +385,8 @@ def _write_shard(out: ShardWriter, payload: bytes | bytearray, index: list[dict[
                  quarantine: list[dict[str, Any]]) -> None:
     """Shard files other than the marker (which :func:`m2d2.shards.build` writes last)."""
     out.put("npy", payload)
-    out.put("index.parquet", _parquet_bytes(pa.Table.from_pylist(index, INDEX_SCHEMA)))
-    out.put("quarantine.parquet", _parquet_bytes(pa.Table.from_pylist(quarantine, QUARANTINE_SCHEMA)))
+    out.put("index.parquet", parquet_bytes(pa.Table.from_pylist(index, INDEX_SCHEMA)))
+    out.put("quarantine.parquet", parquet_bytes(pa.Table.from_pylist(quarantine, QUARANTINE_SCHEMA)))
 
 
 def build_shard(plan: ShardPlan, k: int, progress: bool = True) -> ShardResult:
@@ -541,9 +542,9 @@ def _finalize(store: str, markers: list[dict[str, Any]], split_sizes: dict[str, 
         quarantines.append(_read_parquet(shard_uri(store, k, "quarantine.parquet")))
     for split, tables in indexes.items():
         table = pa.concat_tables(tables) if tables else INDEX_SCHEMA.empty_table()
-        io.atomic_write_bytes(io.join(store, f"{split}.index.parquet"), _parquet_bytes(table))
+        io.atomic_write_bytes(io.join(store, f"{split}.index.parquet"), parquet_bytes(table))
     quarantine = pa.concat_tables(quarantines) if quarantines else QUARANTINE_SCHEMA.empty_table()
-    io.atomic_write_bytes(io.join(store, QUARANTINE_FILE), _parquet_bytes(quarantine))
+    io.atomic_write_bytes(io.join(store, QUARANTINE_FILE), parquet_bytes(quarantine))
     moments = _Moments()
     for m in markers:
         if m["split"] == NORM_SPLIT:

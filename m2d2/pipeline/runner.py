@@ -146,6 +146,7 @@ def views_step(settings: dict[str, ViewSettings], data_root: str, features: Step
     ``views`` run with the counts as metrics (``stage1/clips``, ``stage1/removed_origin``, ...)."""
     import pyarrow as pa
 
+    from m2d2.data.shards import parquet_bytes
     from m2d2.data.views import ViewRule, check_views
     from m2d2.pipeline.workspace import _tracked, step_dir
 
@@ -160,7 +161,11 @@ def views_step(settings: dict[str, ViewSettings], data_root: str, features: Step
         removed = [view.removed.append_column("stage", pa.array([stage] * view.removed.num_rows, pa.string()))
                    for stage, view in views.items()]
         directory.mkdir(parents=True, exist_ok=True)
-        io.atomic_write_bytes(directory / "removed.parquet", _parquet(pa.concat_tables(removed) if removed else None))
+        if not removed:
+            from m2d2.data.leakage import REMOVED_SCHEMA
+
+            removed = [pa.Table.from_pylist([], schema=REMOVED_SCHEMA.append(pa.field("stage", pa.string())))]
+        io.atomic_write_bytes(directory / "removed.parquet", parquet_bytes(pa.concat_tables(removed)))
         io.atomic_write_bytes(directory / "views.json", json.dumps(metrics, indent=2, sort_keys=True).encode())
         for stage, view in views.items():
             log.info("%s: %d training clips (%s), %d removed as overlapping", stage, len(view.clips),
@@ -176,19 +181,6 @@ def views_step(settings: dict[str, ViewSettings], data_root: str, features: Step
         return StepOutput(path=str(directory.resolve()), mlflow_run_id=run_id, metrics=metrics)
 
     return _reuse_or_run(directory, ("views.json",), make)
-
-
-def _parquet(table) -> bytes:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from m2d2.data.leakage import REMOVED_SCHEMA
-
-    if table is None:
-        table = pa.Table.from_pylist([], schema=REMOVED_SCHEMA.append(pa.field("stage", pa.string())))
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    return sink.getvalue().to_pybytes()
 
 
 def _reuse_or_run(directory: Path, must_exist: tuple[str, ...], make) -> StepOutput:
