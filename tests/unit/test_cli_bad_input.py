@@ -10,21 +10,11 @@ import torch.nn.functional as F
 
 from m2d2 import cli
 from m2d2.audio import DEFAULT_MAX_CHANNELS, DEFAULT_MAX_FILE_MB, load_audio
-from m2d2.inference import SEARCH_MAX_SECONDS, Embedder, search_folder
+from m2d2.inference import SEARCH_MAX_SECONDS, search_folder
 
 SR = 16000
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def export(tiny_stage2_export) -> str:
-    return tiny_stage2_export
-
-
-@pytest.fixture(scope="module")
-def embedder(export) -> Embedder:
-    return Embedder.from_pretrained(export)
 
 
 def _tone(path, seconds: float, channels: int = 1, sr: int = SR, fmt: str | None = None, freq: float = 440.0):

@@ -31,16 +31,6 @@ SR = 16000
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def export(tiny_stage2_export) -> str:
-    return tiny_stage2_export
-
-
-@pytest.fixture(scope="module")
-def embedder(export) -> Embedder:
-    return Embedder.from_pretrained(export)
-
-
 def _wave(seconds: float, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return 0.3 * torch.randn(int(seconds * SR), generator=g)
