@@ -255,27 +255,26 @@ def cmd_summary(args: argparse.Namespace) -> int:
     k = int(metrics.get("num_classes", 0))
     print(f"zero-shot accuracy on {int(metrics.get('num_eval_clips', 0))} eval clips, {k} classes "
           f"(chance {1 / k if k else float('nan'):.3f}):")
-    from m2d2.pipeline.registry import STAGES
+    from m2d2.pipeline.registry import STAGES, stage
 
-    for stage in STAGES:
-        name, baseline = stage.name, stage.baseline
-        if f"{name}/zs_acc" not in metrics or f"{baseline}_baseline/zs_acc" not in metrics:
-            continue
+    for name, variant in summary.get("variants", {}).items():
+        m, baseline = variant["metrics"], stage(variant["stage"]).baseline
         base, std = metrics[f"{baseline}_baseline/zs_acc"], metrics.get(f"{baseline}_baseline/zs_acc_std", 0.0)
-        print(f"  {name:8s} {metrics[f'{name}/zs_acc']:.3f}   random-init baseline {base:.3f} ± {std:.3f}   "
-              f"text->audio R@1 {metrics[f'{name}/t2a_R1']:.3f} "
-              f"(baseline {metrics[f'{baseline}_baseline/t2a_R1']:.3f})")
-    for stage in STAGES:
-        if f"{stage.name}/mAP" in metrics:
-            print(f"{stage.title or stage.name} tagging mAP {metrics[f'{stage.name}/mAP']:.3f} "
-                  f"(chance {metrics[f'{stage.name}/mAP_chance']:.3f})")
-    models = [summary[f"{s.name}_model"] for s in STAGES if f"{s.name}_model" in summary]
-    print("models: " + "\n        ".join(models))
-    if "final/probe_acc" in metrics:
-        print(f"final model: linear probe {metrics['final/probe_acc']:.3f}, report {summary.get('report')}")
-    if reg := summary.get("registration"):
+        probe = f"   linear probe {m['probe_acc']:.3f}" if "probe_acc" in m else ""
+        print(f"  {variant['title']:9s} {name:13s} ({variant['stage']:11s}) {m['zs_acc']:.3f}   random-init baseline "
+              f"{base:.3f} ± {std:.3f}   text->audio R@1 {m['t2a_R1']:.3f} "
+              f"(baseline {metrics[f'{baseline}_baseline/t2a_R1']:.3f}){probe}")
+    for s in STAGES:
+        if f"{s.name}/mAP" in metrics:
+            print(f"{s.title or s.name} tagging mAP {metrics[f'{s.name}/mAP']:.3f} "
+                  f"(chance {metrics[f'{s.name}/mAP_chance']:.3f})")
+    models = [f"{s.name}: {summary[f'{s.name}_model']}" for s in STAGES if f"{s.name}_model" in summary]
+    print("stage exports: " + "\n               ".join(models))
+    print(f"reports: {summary.get('report')}/<variant>/report.html")
+    for variant in summary.get("variants", {}).values():
+        reg = variant["registration"]
         state = "is the new champion" if reg["promoted"] else "was not promoted"
-        print(f"registered {reg['model_uri']}: {state} ({reg['reason']})")
+        print(f"registered {reg['model_uri']} ({variant['title']}): {state} ({reg['reason']})")
     return 0
 
 

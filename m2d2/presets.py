@@ -159,9 +159,11 @@ def _demo_stages() -> dict[str, TrainStageConfig]:
         optim=OptimConfig(name="lars", base_lr=0.1 * 256 / 32, min_lr=1e-7, weight_decay=0.0, grad_clip=None),
         schedule=ScheduleConfig(epochs=4, warmup_epochs=1, global_batch=32),
         augment=AugmentConfig(mixup_alpha=0.5, freq_mask=30, time_mask=48, patch_out=0.5))
-    # Stage 2: crops at the encoder's length after stage 1.1 (256 frames), 8 epochs = 120 steps at lr 3e-4 (the
-    # paper's base lr 3e-6 would give 3.75e-7 at batch 32).
+    # Stage 2: crops of the encoder's length after stage 1.1 (256 frames) on both lines, as the paper's 1001: stage
+    # 1's 208-frame encoder (M2D2, M2D2⁺) takes them as chunks of 208 + 48 frames. 8 epochs = 120 steps at lr 3e-4
+    # (the paper's base lr 3e-6 would give 3.75e-7 at batch 32).
     stage2 = TrainStageConfig(stage="stage2", model="demo", log_every=5, optim=OptimConfig(base_lr=2.4e-3),
+                              data=DataConfig(crop_frames=256),
                               schedule=ScheduleConfig(epochs=8, warmup_epochs=0.5, global_batch=32))
     # Stage 2.1: the demo has one source, so its "curated" subset is the clips with 3 captions (as AudioCaps and
     # Clotho carry 5 human captions against WavCaps' one), about half the corpus; 3 epochs, no masking.
@@ -179,10 +181,11 @@ def _demo_pipeline() -> dict[str, Any]:
 # -- smoke
 def _smoke_stages() -> dict[str, TrainStageConfig]:
     # The demo's stages at 3 steps of batch 8; stage 1.1 grows the 64-frame encoder to 96 frames (6 patch columns)
-    # with a time mask that fits the crop.
+    # with a time mask that fits the crop, and stages 2 and 2.1 crop 96 frames (stage 1's encoder: 64 + 32).
     smoke = {"model": "smoke", "log_every": 1,
              "schedule": {"epochs": 1, "warmup_epochs": 0.5, "global_batch": 8, "max_steps": 3}}
-    extra = {"stage1.1": {"data": {"crop_frames": 96}, "augment": {"time_mask": 16}}}
+    extra = {"stage1.1": {"data": {"crop_frames": 96}, "augment": {"time_mask": 16}},
+             "stage2": {"data": {"crop_frames": 96}}, "stage2.1": {"data": {"crop_frames": 96}}}
     return {stage: cfg.replace(**smoke, **extra.get(stage, {})) for stage, cfg in _demo_stages().items()}
 
 

@@ -131,6 +131,7 @@ def register_model(
     alias: str = "champion",
     run_id: str | None = None,
     experiment: str = tracking.DEFAULT_EXPERIMENT,
+    version_tags: Mapping[str, str] | None = None,
 ) -> RegistrationResult:
     """Register ``export_dir`` (an ``M2D2.save_pretrained`` directory, local or ``s3://``) as a new version of
     ``name`` and give it ``alias`` only if ``metrics[primary_metric]`` strictly beats the alias holder's.
@@ -176,6 +177,7 @@ def register_model(
             client.log_artifacts(run_id, str(local), ARTIFACT_PATH)
 
     tags = {metric_tag(k): repr(float(v)) for k, v in metrics.items()}
+    tags.update({k: str(v) for k, v in (version_tags or {}).items()})
     tags.update({PRIMARY_TAG: primary_metric, DIRECTION_TAG: str(higher_is_better).lower(),
                  EXPORT_TAG: redact_url(export)})
     _ensure_registered_model(client, name)

@@ -126,6 +126,7 @@ class Artifact:
     steps: int = 0
     final_loss: float | None = None  # None: not a training stage
     metrics: dict[str, float] = field(default_factory=dict)  # the stage's own evaluation (stage 1.1: tagging mAP)
+    skipped: bool = False  # a stage no configured model variant needs: path is its input
 
 
 def _is_local() -> bool:
@@ -315,56 +316,70 @@ def _step(artifact: Artifact):
     from m2d2.pipeline.runner import StepOutput
 
     return StepOutput(path=_local(artifact.path), mlflow_run_id=artifact.mlflow_run_id, steps=artifact.steps,
-                      final_loss=artifact.final_loss, metrics=dict(artifact.metrics))
+                      final_loss=artifact.final_loss, metrics=dict(artifact.metrics), skipped=artifact.skipped)
 
 
 def _artifact(output) -> Artifact:
     return Artifact(path=_out(output.path), mlflow_run_id=output.mlflow_run_id, steps=output.steps,
-                    final_loss=output.final_loss, metrics=dict(output.metrics))
+                    final_loss=output.final_loss, metrics=dict(output.metrics), skipped=output.skipped)
 
 
-def _run_stage(name: str, section: TrainStageConfig, workspace: str, features: Artifact, source: Artifact,
-               run_key: str, parent_run_id: str) -> Artifact:
-    """Stage ``name`` of the registry through the library's one entry point (output roots, pass-through of a
-    switched-off stage, reuse of a finished run): the task only converts Flyte types."""
+def _run_stage(name: str, section: TrainStageConfig, trains: bool, workspace: str, features: Artifact,
+               source: Artifact, run_key: str, parent_run_id: str) -> Artifact:
+    """Stage ``name`` of the registry through the library's one entry point (output roots, skipping a stage no
+    configured variant needs, reuse of a finished run): the task only converts Flyte types."""
     from m2d2.pipeline.registry import stage
     from m2d2.pipeline.runner import run_stage
 
     return _artifact(_train(run_stage, stage(name), section, workspace, _local(features.path), _step(source),
-                            parent_run_id or None, run_key))
+                            parent_run_id or None, run_key, trains))
 
 
 # One task per stage of m2d2.pipeline.registry.STAGES. Flyte needs each task as a module-level function of its own,
 # fixed at registration with its own Elastic topology and resources, so a new stage adds its three lines here too,
-# named by m2d2.pipeline.registry.identifier (Python names hold no dot: stage1_1 runs stage 1.1)
+# named by m2d2.pipeline.registry.identifier (Python names hold no dot or dash: stage2_1_as runs stage2.1-as)
 # (tests/integration/test_flyte_entities.py checks that every registered stage has its task). The workflow below
 # walks the registry; the tasks take only their own config section, so changing one stage's settings re-runs that
-# stage and what follows it, and is a cache hit for everything before it.
-@_training_task("stage1", "stage1-4")
-def stage1(section: TrainStageConfig, workspace: str, features: Artifact, source: Artifact, run_key: str,
-           parent_run_id: str) -> Artifact:
-    return _run_stage("stage1", section, workspace, features, source, run_key, parent_run_id)
+# stage and what follows it, and is a cache hit for everything before it. ``trains`` is False for a stage that no
+# configured model variant needs: its task returns at once (a Flyte workflow's shape is fixed at registration).
+@_training_task("stage1", "stage1-5")
+def stage1(section: TrainStageConfig, trains: bool, workspace: str, features: Artifact, source: Artifact,
+           run_key: str, parent_run_id: str) -> Artifact:
+    return _run_stage("stage1", section, trains, workspace, features, source, run_key, parent_run_id)
 
 
-@_training_task("stage1.1", "stage1.1-2")
-def stage1_1(section: TrainStageConfig, workspace: str, features: Artifact, source: Artifact, run_key: str,
-             parent_run_id: str) -> Artifact:
-    return _run_stage("stage1.1", section, workspace, features, source, run_key, parent_run_id)
+@_training_task("stage1.1", "stage1.1-3")
+def stage1_1(section: TrainStageConfig, trains: bool, workspace: str, features: Artifact, source: Artifact,
+             run_key: str, parent_run_id: str) -> Artifact:
+    return _run_stage("stage1.1", section, trains, workspace, features, source, run_key, parent_run_id)
 
 
-@_training_task("stage2", "stage2-4")
-def stage2(section: TrainStageConfig, workspace: str, features: Artifact, source: Artifact, run_key: str,
-           parent_run_id: str) -> Artifact:
-    return _run_stage("stage2", section, workspace, features, source, run_key, parent_run_id)
+@_training_task("stage2", "stage2-5")
+def stage2(section: TrainStageConfig, trains: bool, workspace: str, features: Artifact, source: Artifact,
+           run_key: str, parent_run_id: str) -> Artifact:
+    return _run_stage("stage2", section, trains, workspace, features, source, run_key, parent_run_id)
 
 
-@_training_task("stage2.1", "stage2.1-2")
-def stage2_1(section: TrainStageConfig, workspace: str, features: Artifact, source: Artifact, run_key: str,
-             parent_run_id: str) -> Artifact:
-    return _run_stage("stage2.1", section, workspace, features, source, run_key, parent_run_id)
+@_training_task("stage2.1", "stage2.1-3")
+def stage2_1(section: TrainStageConfig, trains: bool, workspace: str, features: Artifact, source: Artifact,
+             run_key: str, parent_run_id: str) -> Artifact:
+    return _run_stage("stage2.1", section, trains, workspace, features, source, run_key, parent_run_id)
 
 
-STAGE_TASKS = {"stage1": stage1, "stage1.1": stage1_1, "stage2": stage2, "stage2.1": stage2_1}
+@_training_task("stage2", "stage2-as-1")  # stage 2's recipe, topology and resources
+def stage2_as(section: TrainStageConfig, trains: bool, workspace: str, features: Artifact, source: Artifact,
+              run_key: str, parent_run_id: str) -> Artifact:
+    return _run_stage("stage2-as", section, trains, workspace, features, source, run_key, parent_run_id)
+
+
+@_training_task("stage2.1", "stage2.1-as-1")
+def stage2_1_as(section: TrainStageConfig, trains: bool, workspace: str, features: Artifact, source: Artifact,
+                run_key: str, parent_run_id: str) -> Artifact:
+    return _run_stage("stage2.1-as", section, trains, workspace, features, source, run_key, parent_run_id)
+
+
+STAGE_TASKS = {"stage1": stage1, "stage1.1": stage1_1, "stage2": stage2, "stage2.1": stage2_1, "stage2-as": stage2_as,
+               "stage2.1-as": stage2_1_as}
 
 
 def stage_task(name: str):
@@ -376,10 +391,11 @@ def stage_task(name: str):
     return STAGE_TASKS[name]
 
 
-@cpu_task("evaluate", cache=Cache(version="evaluate-5", ignored_inputs=TRACKING), enable_deck=True)
+@cpu_task("evaluate", cache=Cache(version="evaluate-6", ignored_inputs=TRACKING), enable_deck=True)
 def evaluate(settings: EvaluationSettings, workspace: str, features: Artifact, captions: Artifact,
              stages: dict[str, Artifact], parent_run_id: str) -> Artifact:
-    """Every stage's CLAP metrics vs baselines, the final model's full suite, its report (also a Flyte Deck)."""
+    """Every trained stage's CLAP metrics vs baselines; each model variant's full suite and report (a Flyte Deck
+    each)."""
     from flytekit import Deck
 
     from m2d2.eval.reports import report_html
@@ -388,26 +404,29 @@ def evaluate(settings: EvaluationSettings, workspace: str, features: Artifact, c
 
     output, report_dir = evaluate_step(settings, root_of(workspace), _step(features), _step(captions),
                                        {name: _step(a) for name, a in stages.items()}, parent_run_id or None)
-    Deck("evaluation", report_html(report_dir))
+    for variant in settings.variants:
+        Deck(variant, report_html(report_dir / variant))
     return _artifact(output)
 
 
-@cpu_task("small", cache=Cache(version="register-3", ignored_inputs=TRACKING))
-def register(settings: RegistrationSettings, workspace: str, final: Artifact, evaluation: Artifact,
-             parent_run_id: str) -> Registration:
-    """Register the final model; the champion alias moves only if ``settings.primary_metric`` beats the incumbent.
+@cpu_task("small", cache=Cache(version="register-4", ignored_inputs=TRACKING))
+def register(settings: RegistrationSettings, workspace: str, stages: dict[str, Artifact], evaluation: Artifact,
+             parent_run_id: str) -> dict[str, Registration]:
+    """Register each model variant as its own MLflow model; a champion alias moves only if
+    ``settings.primary_metric`` beats that model's incumbent.
 
-    Cached by the model and its scores, so re-running an unchanged pipeline adds no duplicate version.
+    Cached by the models and their scores, so re-running an unchanged pipeline adds no duplicate version.
     """
     from m2d2.pipeline import root_of
     from m2d2.pipeline.runner import register_step
 
-    return register_step(settings, root_of(workspace), _step(final), _step(evaluation))
+    return register_step(settings, root_of(workspace), {name: _step(a) for name, a in stages.items()},
+                         _step(evaluation), parent_run_id or None)
 
 
 @cpu_task("small")
 def finish_tracking(workspace: str, parent_run_id: str, outputs: dict[str, Artifact],
-                    evaluation: Artifact, registration: Registration) -> FlyteFile:
+                    evaluation: Artifact, registrations: dict[str, Registration]) -> FlyteFile:
     """Record which steps were cache hits (and the runs that produced them), the headline metrics, and close.
 
     Writes ``<data_root>/summaries/<parent run>.json`` and ``<data_root>/latest-summary.json`` (``m2d2 summary``),
@@ -417,13 +436,15 @@ def finish_tracking(workspace: str, parent_run_id: str, outputs: dict[str, Artif
     from m2d2.pipeline.runner import finish
 
     path = finish(root_of(workspace), parent_run_id, {k: _step(v) for k, v in outputs.items()},
-                  _step(evaluation), registration)
+                  _step(evaluation), registrations)
     return FlyteFile(str(path.resolve()), remote_path=False if _is_local() else None)
 
 
 @workflow
 def full(cfg: PipelineConfig = PipelineConfig()) -> FlyteFile:  # noqa: B008 (Flyte reads defaults here)
-    """corpus -> features + caption embeddings -> the registry's stages -> evaluate -> register -> summary."""
+    """corpus -> features + caption embeddings -> the registry's stages -> evaluate -> register -> summary.
+
+    Every stage's task is in the graph; those that no variant of ``cfg.variants`` needs return at once."""
     from m2d2.pipeline.registry import CAPTIONS, STAGES
 
     workspace = open_workspace(cfg=cfg)
@@ -440,15 +461,15 @@ def full(cfg: PipelineConfig = PipelineConfig()) -> FlyteFile:  # noqa: B008 (Fl
     outputs = {"features": features, "embed": captions, "views": views}
     for stage in STAGES:
         source = captions if stage.trains_on == CAPTIONS else outputs[stage.trains_on]
-        outputs[stage.name] = stage_task(stage.name)(section=cfg.stages[stage.name], workspace=workspace,
-                                                      features=features, source=source, run_key=cfg.run_key,
-                                                      parent_run_id=parent)
+        outputs[stage.name] = stage_task(stage.name)(section=cfg.stages[stage.name], trains=settings.trains[stage.name],
+                                                      workspace=workspace, features=features, source=source,
+                                                      run_key=cfg.run_key, parent_run_id=parent)
         if stage.trains_on == CAPTIONS:
             views >> outputs[stage.name]  # no stage starts before every view is checked
     stages = {stage.name: outputs[stage.name] for stage in STAGES}
     scores = evaluate(settings=settings.evaluation, workspace=workspace, features=features, captions=captions,
                       stages=stages, parent_run_id=parent)
-    registration = register(settings=settings.registration, workspace=workspace, final=stages[STAGES[-1].name], evaluation=scores,
-                            parent_run_id=parent)
+    registrations = register(settings=settings.registration, workspace=workspace, stages=stages, evaluation=scores,
+                             parent_run_id=parent)
     return finish_tracking(workspace=workspace, parent_run_id=parent, outputs=outputs, evaluation=scores,
-                           registration=registration)
+                           registrations=registrations)

@@ -236,6 +236,8 @@ def _pipeline_yaml(uri: str, roots: list[str], max_captions: int) -> str:
     text += yaml.safe_dump({"corpus_source": uri, "audio_roots": roots}, sort_keys=False)
     if max_captions < 3:
         text += ("# Stage 2.1's default subset is the clips with >= 3 captions; this corpus has at most "
-                 f"{max_captions},\n# so stage 2.1 continues on every captioned clip.\n")
-        text += yaml.safe_dump({"stages": {"stage2.1": {"data": {"min_captions": 1}}}}, sort_keys=False)
+                 f"{max_captions},\n# so stage 2.1 (on both lines: M2D2⁺ and M2D2^AS+) continues on every captioned "
+                 "clip.\n")
+        one = {"data": {"min_captions": 1}}
+        text += yaml.safe_dump({"stages": {"stage2.1": one, "stage2.1-as": one}}, sort_keys=False)
     return text

@@ -16,7 +16,7 @@ from m2d2.models.config import (
 )
 from m2d2.models.encoder import AudioEncoder
 from m2d2.models.m2d import Predictor, TargetEncoder, ema_decay, norm_mse_loss
-from m2d2.models.masking import PatchMask, no_mask, random_structured_mask, random_unstructured_mask
+from m2d2.models.masking import ChunkMasks, PatchMask, no_mask, random_structured_mask, random_unstructured_mask
 from m2d2.models.model import M2D2, TRAINABLE, TextEmbedder
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "M2D2Config",
     "M2DConfig",
     "OfflineTextConfig",
+    "ChunkMasks",
     "PatchMask",
     "Predictor",
     "PredictorConfig",

@@ -30,6 +30,25 @@ class PatchMask:
     def num_visible(self) -> int:
         return self.ids_keep.shape[1]
 
+    def select(self, rows: slice) -> PatchMask:
+        """The mask of samples ``rows`` (a micro-batch of the step's batch)."""
+        return PatchMask(self.ids_keep[rows], self.ids_masked[rows])
+
+
+@dataclass
+class ChunkMasks:
+    """One mask per encoder chunk of a crop longer than the encoder (:mod:`m2d2.models.chunks`).
+
+    Stage 2 on stage 1's encoder (M2D2, M2D2⁺) takes the paper's 10-s crops (1001 frames) through a 608-frame
+    encoder as chunks of 608 and 393 (padded to 400) frames, as the reference's runtime encodes long audio; each
+    chunk is masked on its own patch grid, as the runtime masks every chunk it encodes.
+    """
+
+    chunks: tuple[PatchMask, ...]
+
+    def select(self, rows: slice) -> ChunkMasks:
+        return ChunkMasks(tuple(mask.select(rows) for mask in self.chunks))
+
 
 def no_mask(batch: int, num_patches: int, device: torch.device | None = None) -> PatchMask:
     ids = torch.arange(num_patches, device=device).expand(batch, -1)

@@ -17,11 +17,12 @@ from torch import nn
 
 from m2d2 import io
 from m2d2.audio import LogMelConfig, LogMelSpectrogram
+from m2d2.models.chunks import chunk_spans, split_chunks
 from m2d2.models.clap import AudioProjector, ClipLoss
 from m2d2.models.config import M2D2Config, TransformersTextConfig
 from m2d2.models.encoder import AudioEncoder
 from m2d2.models.m2d import Predictor, TargetEncoder, ema_decay, norm_mse_loss
-from m2d2.models.masking import PatchMask, random_structured_mask, random_unstructured_mask
+from m2d2.models.masking import ChunkMasks, PatchMask, random_structured_mask, random_unstructured_mask
 from m2d2.models.text import TransformersTextEncoder
 
 log = logging.getLogger(__name__)
@@ -144,27 +145,33 @@ class M2D2(nn.Module):
         *,
         mask_ratio: float | None = None,
         generator: torch.Generator | None = None,
-    ) -> PatchMask:
+    ) -> PatchMask | ChunkMasks:
         """The training mask of the current stage for ``batch`` crops of ``frames`` frames.
 
         Stage 1: unstructured at ``m2d.mask_ratio`` (0.7). Stage 2: structured at ``mask_ratio`` or
-        ``clap.stage2_mask_ratio`` (0.3). Drawing it outside :meth:`forward` lets the trainer draw one mask for a
-        whole (accumulated) batch from a per-step generator: re-forwards, micro-batch splits and resumed runs all
-        see the same masks.
+        ``clap.stage2_mask_ratio`` (0.3); a crop longer than the encoder (stage 2 on stage 1's encoder) gets one mask
+        per encoder chunk (:class:`~m2d2.models.masking.ChunkMasks`). Drawing it outside :meth:`forward` lets the
+        trainer draw one mask for a whole (accumulated) batch from a per-step generator: re-forwards, micro-batch
+        splits and resumed runs all see the same masks.
         """
-        grid = (self.encoder.grid[0], frames // self.encoder.patch_frames)
+        grid_f, patch = self.encoder.grid[0], self.encoder.patch_frames
         device = self.logit_scale.device
         if self.stage == "stage1":
-            return random_unstructured_mask(batch, grid[0] * grid[1], self.config.m2d.mask_ratio, generator, device)
+            return random_unstructured_mask(batch, grid_f * (frames // patch), self.config.m2d.mask_ratio, generator,
+                                            device)
         ratio = self.config.clap.stage2_mask_ratio if mask_ratio is None else mask_ratio
-        return random_structured_mask(batch, grid, ratio, generator, device)
+        if frames > self.encoder.chunk_frames:
+            return ChunkMasks(tuple(random_structured_mask(batch, (grid_f, (stop - start) // patch), ratio, generator,
+                                                           device)
+                                    for start, stop in chunk_spans(frames, self.encoder.chunk_frames, patch)))
+        return random_structured_mask(batch, (grid_f, frames // patch), ratio, generator, device)
 
     def forward(
         self,
         lms: torch.Tensor,
         text: torch.Tensor | list[str],
         *,
-        mask: PatchMask | None = None,
+        mask: PatchMask | ChunkMasks | None = None,
         mask_ratio: float | None = None,
         generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
@@ -179,7 +186,7 @@ class M2D2(nn.Module):
         return self.losses(parts, parts["audio"], parts["text"])
 
     def forward_features(self, lms: torch.Tensor, text: torch.Tensor | list[str],
-                         mask: PatchMask) -> dict[str, torch.Tensor]:
+                         mask: PatchMask | ChunkMasks) -> dict[str, torch.Tensor]:
         """CLAP features (``audio``, ``text``) and, in stage 1, the micro-batch's ``loss_m2d``.
 
         Split from :meth:`losses` so that a trainer can cache features of the whole accumulated batch and
@@ -196,10 +203,15 @@ class M2D2(nn.Module):
             loss_m2d = norm_mse_loss(prediction, target, self.config.m2d.target_norm_eps)
             return {"audio": self.audio_proj(visible[:, 1:]), "text": self.encode_clap_text(text),
                     "loss_m2d": loss_m2d}
-        encoder_trains = any(p.requires_grad for p in self.encoder.parameters())
+        encoder_trains = any(p.requires_grad for p in self.encoder.parameters())  # M2D2^TA trains it in stage 2
         with torch.set_grad_enabled(encoder_trains and torch.is_grad_enabled()):
-            visible = self.encoder(x, mask.ids_keep)
-        return {"audio": self.audio_proj(visible[:, 1:]), "text": self.encode_clap_text(text)}
+            if isinstance(mask, ChunkMasks):  # the projector sees the visible tokens of every chunk, as at inference
+                chunks = split_chunks(x, self.encoder.chunk_frames, self.encoder.patch_frames)
+                visible = torch.cat([self.encoder(chunk, m.ids_keep)[:, 1:]
+                                     for chunk, m in zip(chunks, mask.chunks, strict=True)], dim=1)
+            else:
+                visible = self.encoder(x, mask.ids_keep)[:, 1:]
+        return {"audio": self.audio_proj(visible), "text": self.encode_clap_text(text)}
 
     def losses(self, parts: dict[str, torch.Tensor], audio: torch.Tensor, text: torch.Tensor,
                m2d_weight: float = 1.0, logit_scale_grad: bool = True) -> dict[str, torch.Tensor]:

@@ -43,8 +43,14 @@ class PipelineConfig:
     run_key: str = ""  # stable key of the training checkpoints; a relaunch with the same key resumes
     experiment: str = "m2d2"
     baseline_inits: int = 5  # random initialisations averaged for each baseline
-    registered_model: str = "m2d2"  # MLflow registered model of the final (stage 2.1) export
-    primary_metric: str = "stage2.1/zs_acc"  # the "champion" alias moves only when this beats the incumbent
+    # The models of the M2D2 family this execution makes (m2d2.pipeline.registry.VARIANTS): m2d2-minus (stage 1),
+    # m2d2 (1 -> 2), m2d2-plus (1 -> 2 -> 2.1), m2d2-as-plus (1 -> 1.1 -> 2 -> 2.1). A stage trains when a listed
+    # model needs it; stage 1 and the data steps are shared.
+    variants: list[str] = field(default_factory=lambda: list(registry.VARIANT_NAMES))
+    # Prefix of the MLflow registered models, one per variant: the variant's name with "m2d2" replaced by it
+    # (m2d2-minus, m2d2, m2d2-plus, m2d2-as-plus for the default).
+    registered_model: str = "m2d2"
+    primary_metric: str = "zs_acc"  # a model's "champion" alias moves only when this metric of it beats the incumbent
     prompt_template: str = PROMPT_TEMPLATE
     norm_samples: int = 5000
     # Waveforms shorter than this are zero-padded (silence) before the log-mel, for training crops and the
@@ -80,6 +86,18 @@ class PipelineConfig:
         if self.feature_shard_mb <= 0 or self.caption_shards < 1:
             raise ValueError(f"need feature_shard_mb > 0 and caption_shards >= 1, got {self.feature_shard_mb}, "
                              f"{self.caption_shards}")
+        if not self.variants:
+            raise ValueError("variants: list at least one model to make; choose from "
+                             f"{', '.join(registry.VARIANT_NAMES)}")
+        for name in self.variants:
+            if name not in registry.VARIANT_NAMES:
+                raise ValueError(f"variants: unknown model {name!r}; choose from {', '.join(registry.VARIANT_NAMES)}")
+        if len(set(self.variants)) != len(self.variants):
+            raise ValueError(f"variants: {self.variants} names a model twice")
+        self.variants = [name for name in registry.VARIANT_NAMES if name in self.variants]  # family order
+        if "/" in self.primary_metric:
+            raise ValueError(f"primary_metric={self.primary_metric!r}: name a metric of each model (e.g. 'zs_acc'), "
+                             "not of a stage; every variant is compared with its own champion")
         names = [s.name for s in registry.STAGES]
         for name in self.stages:
             if name not in names:
@@ -132,20 +150,22 @@ class CaptionSettings:
 
 @dataclass
 class EvaluationSettings:
-    """The evaluation step: baseline seeds, the zero-shot prompt, and each stage's model preset (a CLAP stage's
-    baseline keeps that preset's pretrained text encoder)."""
+    """The evaluation step: baseline seeds, the zero-shot prompt, the models to score, and each stage's model preset
+    (a CLAP stage's baseline keeps that preset's pretrained text encoder)."""
 
     baseline_inits: int
     prompt_template: str
     models: dict[str, str] = field(default_factory=dict)
+    variants: list[str] = field(default_factory=lambda: list(registry.VARIANT_NAMES))
 
 
 @dataclass
 class RegistrationSettings:
-    """The registration step: the MLflow registered model and the metric that decides the champion."""
+    """The registration step: the registered-model prefix, the metric that decides each champion, the models."""
 
     registered_model: str
     primary_metric: str
+    variants: list[str] = field(default_factory=lambda: list(registry.VARIANT_NAMES))
 
 
 @dataclass
@@ -170,11 +190,15 @@ class StepSettings:
     captions: CaptionSettings
     evaluation: EvaluationSettings
     registration: RegistrationSettings
-    views: dict[str, ViewSettings] = field(default_factory=dict)  # every enabled stage's, by stage name
+    views: dict[str, ViewSettings] = field(default_factory=dict)  # every training stage's, by stage name
+    # Every registered stage: whether it trains in this execution (a listed variant needs it). A Flyte workflow's
+    # shape is fixed at registration, so the tasks of the others run and pass their input through at once.
+    trains: dict[str, bool] = field(default_factory=dict)
 
 
 def step_settings(cfg: PipelineConfig) -> StepSettings:
     first = cfg.stages[registry.STAGES[0].name]  # the stage the features' statistics and the caption vectors serve
+    training = {s.name for s in registry.needed_stages(cfg.variants)}
     return StepSettings(
         corpus=dataclasses.replace(cfg.corpus),
         features=FeatureSettings(
@@ -185,14 +209,18 @@ def step_settings(cfg: PipelineConfig) -> StepSettings:
                                  trust_remote_code=cfg.trust_remote_code,
                                  remote_code_sha256=cfg.remote_code_sha256.strip().lower()),
         evaluation=EvaluationSettings(baseline_inits=cfg.baseline_inits, prompt_template=cfg.prompt_template,
-                                      models={name: section.model for name, section in cfg.stages.items()}),
-        registration=RegistrationSettings(registered_model=cfg.registered_model, primary_metric=cfg.primary_metric),
+                                      models={name: section.model for name, section in cfg.stages.items()
+                                              if name in training},
+                                      variants=list(cfg.variants)),
+        registration=RegistrationSettings(registered_model=cfg.registered_model, primary_metric=cfg.primary_metric,
+                                          variants=list(cfg.variants)),
         views={name: ViewSettings(sources=list(section.data.sources),
                                   exclude_overlap_with=list(section.data.exclude_overlap_with),
                                   min_captions=section.data.min_captions, min_clips=section.data.min_clips,
                                   global_batch=section.schedule.global_batch,
                                   samples_per_epoch=section.data.samples_per_epoch)
-               for name, section in cfg.stages.items() if section.enabled})
+               for name, section in cfg.stages.items() if name in training},
+        trains={s.name: s.name in training for s in registry.STAGES})
 
 
 def default_stages(preset: str) -> dict[str, TrainStageConfig]:

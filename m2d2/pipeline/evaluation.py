@@ -1,7 +1,9 @@
-"""Evaluation step: every stage's CLAP metrics against random-initialisation baselines, and the final report."""
+"""Evaluation step: every trained stage's CLAP metrics against random-initialisation baselines, and each model
+variant's suite and report."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -34,18 +36,18 @@ def evaluate_stages(
     stage_metrics: dict[str, dict[str, float]] | None = None,
     report_dir: str | Path | None = None,
 ) -> tuple[dict[str, float], str | None]:
-    """Every registered stage's model scored as the registry says: CLAP stages by zero-shot and retrieval against
+    """Every trained stage's model scored as the registry says: CLAP stages by zero-shot and retrieval against
     their random-initialisation baseline, tagging stages by the metrics they measured themselves (``stage_metrics``).
 
-    ``exports`` maps each stage's name to its export (a switched-off stage maps to the export it passed through).
-    Baselines keep the text side their stage starts from: a stage trained on the caption vectors is compared with a
-    random audio encoder, projector and text map over the same vectors; a stage that starts from another stage's
-    export (stage 2) with that frozen encoder, a fresh projector and the untouched pretrained text encoder. Each is
-    averaged over ``settings.baseline_inits`` seeds. With ``report_dir``, the last stage's model also gets the full suite
-    (:func:`m2d2.eval.suite.evaluate_suite`: linear probe, R@50, confusion matrix, t-SNE, projector attention) and
-    its HTML report, logged to MLflow.
+    ``exports`` maps each trained stage's name to its export. Baselines keep the text side their stage starts from:
+    a stage trained on the caption vectors is compared with a random audio encoder, projector and text map over the
+    same vectors; a stage that starts from another stage's export (stage 2 on stage 1's or stage 1.1's encoder)
+    with that frozen encoder, a fresh projector and the untouched pretrained text encoder. Each is averaged over
+    ``settings.baseline_inits`` seeds. With ``report_dir``, each variant's model (``settings.variants``) also gets
+    the full suite (:func:`m2d2.eval.suite.evaluate_suite`: linear probe, R@50, confusion matrix, t-SNE, projector
+    attention) under ``<variant>/`` keys and its HTML report in ``report_dir/<variant>``, logged to MLflow.
     """
-    stages = registry.STAGES
+    stages = tuple(s for s in registry.STAGES if s.name in exports)
     data = eval_set(feature_dir, settings.prompt_template)
     cache = CaptionEmbeddings(caption_cache)
 
@@ -67,34 +69,39 @@ def evaluate_stages(
             _put(results, prefix, evaluate_clap(model, data))
     for name in dict.fromkeys(s.baseline for s in stages if s.evaluation == "clap" and s.baseline):
         _put(results, f"{name}_baseline",
-             _baseline(settings, registry.stage(name, stages), models[name], exports, data, offline_text))
+             _baseline(settings, registry.stage(name), models[name], exports, data, offline_text))
     results["num_classes"] = float(len(data.class_names))
     results["num_eval_clips"] = float(len(data.labels))
     for stage in stages:
         if stage.evaluation == "clap" and stage.baseline:
             results[f"{stage.name}_zs_gain"] = (results[f"{stage.name}/zs_acc"]
                                                  - results[f"{stage.baseline}_baseline/zs_acc"])
-    final_stage = stages[-1]
-    suite = None
+    suites = []
     if report_dir is not None:
         from m2d2.eval.suite import evaluate_suite
 
-        final = models.get(final_stage.name) or M2D2.from_pretrained(str(exports[final_stage.name]))
-        suite = evaluate_suite(final, data, report_dir, title=f"M2D2 final model ({final_stage.title or final_stage.name})")
-        _put(results, "final", {k: v for k, v in suite.metrics.items() if k.startswith(("probe_", "a2t_R50",
-                                                                                        "t2a_R50", "zs_"))})
+        for name in settings.variants:
+            variant = registry.variant(name)
+            final = registry.stage(variant.final)
+            embedder = offline_text if final.trains_on == registry.CAPTIONS else None
+            suite = evaluate_suite(models[final.name], data, Path(report_dir) / name, text_embedder=embedder,
+                                   title=f"{variant.title} ({name}): {final.title or final.name}")
+            _put(results, name, {k: v for k, v in suite.metrics.items()
+                                 if k.startswith(("probe_", "a2t_R50", "t2a_R50", "zs_"))})
+            suites.append((name, suite))
     run_id = None
     if parent_run_id:
         params = {"baseline_inits": settings.baseline_inits, "prompt_template": settings.prompt_template,
-                  **{s.name: str(exports[s.name]) for s in stages}}
+                  "variants": ",".join(settings.variants), **{s.name: str(exports[s.name]) for s in stages}}
         with StageRun(parent_run_id, "evaluate", params=params) as run:
             run.log_metrics(results, step=0)
             run.log_dict(results, "metrics.json")
             run_id = run.run_id
-            if suite is not None and run_id is not None:
+            if run_id is not None:
                 from m2d2.eval.reports import log_report
 
-                log_report(suite.report_dir, run_id, "report")
+                for name, suite in suites:
+                    log_report(suite.report_dir, run_id, f"report/{name}")
     return results, run_id
 
 
@@ -111,6 +118,7 @@ def _baseline(settings: EvaluationSettings, stage: registry.Stage, trained: M2D2
     # are the same for every seed, so the text vectors are computed once and each seed re-draws the projector.
     fresh = M2D2.from_pretrained(str(exports[stage.trains_on]))
     fresh.start_stage2(model_config(settings.models[stage.name]).text.encoder)
+    _encode_each_input_once(fresh)
     texts = sorted({c for caps in data.captions for c in caps} | set(data.prompts()))
     with torch.inference_mode():
         raw = torch.cat([fresh.text_encoder(texts[i : i + 64]) for i in range(0, len(texts), 64)])
@@ -124,6 +132,20 @@ def _baseline(settings: EvaluationSettings, stage: registry.Stage, trained: M2D2
         fresh.audio_proj.reset_parameters()
         baselines.append(evaluate_clap(fresh, data, text_embedder=pretrained_text))
     return mean_and_std(baselines)
+
+
+def _encode_each_input_once(model: M2D2) -> None:
+    """Let ``model``'s frozen encoder encode each distinct input once: the baseline's seeds differ only in the
+    projector, so every seed would otherwise re-encode the whole evaluation set (the same tokens, recomputed)."""
+    encode, done = model.encoder.encode_chunks, {}
+
+    def encode_once(x: torch.Tensor) -> list[torch.Tensor]:
+        key = (tuple(x.shape), hashlib.blake2b(x.detach().cpu().numpy().tobytes(), digest_size=16).digest())
+        if key not in done:
+            done[key] = encode(x)
+        return done[key]
+
+    model.encoder.encode_chunks = encode_once
 
 
 def _put(results: dict[str, float], prefix: str, metrics: dict[str, float]) -> None:

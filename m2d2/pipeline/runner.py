@@ -1,8 +1,8 @@
 """The pipeline in one process, and the pieces the Flyte tasks share with it.
 
 :func:`run` executes the whole DAG (corpus -> features + caption vectors -> the stages of
-:data:`~m2d2.pipeline.registry.STAGES` -> evaluation -> registration -> summary) with the same step directories
-and outputs as ``workflows/full.py``. Each step records what it produced (``step.json``) next to its outputs, so
+:data:`~m2d2.pipeline.registry.STAGES` that the configured model variants need -> evaluation -> one registered
+model per variant -> summary) with the same step directories and outputs as ``workflows/full.py``. Each step records what it produced (``step.json``) next to its outputs, so
 running again with the same inputs reuses them — and their MLflow runs — instead of recomputing: the same
 "cache hit" a Flyte execution sees, and one that can never outlive the files it points at, since the record lives
 with them.
@@ -47,6 +47,7 @@ class StepOutput:
     steps: int = 0
     final_loss: float | None = None  # None: not a training stage
     metrics: dict[str, float] = field(default_factory=dict)
+    skipped: bool = False  # a stage that no configured variant needs: ``path`` is its input, untouched
 
     def source(self) -> str:
         """What a stage that trains on this output reads: the caption file of a caption cache, else the export."""
@@ -83,14 +84,15 @@ def stage_dir(data_root: str, stage: Stage, section: Any, feature_dir: str, sour
 
 
 def run_stage(stage: Stage, section: Any, workspace: str, feature_dir: str, source: StepOutput,
-              parent_run_id: str | None = None, run_key: str = "") -> StepOutput:
-    """Train ``stage`` on ``source`` (or pass ``source`` through when the stage is switched off), reusing a finished
-    run of the same settings and inputs. What every caller of a stage does, Flyte task or :func:`run`."""
-    if not section.enabled:
-        if not stage.optional:
-            raise ValueError(f"{stage.name} cannot be switched off: later stages need its export")
-        log.info("%s is switched off: %s passes through", stage.name, source.path)
-        return source
+              parent_run_id: str | None = None, run_key: str = "", trains: bool = True) -> StepOutput:
+    """Train ``stage`` on ``source``, reusing a finished run of the same settings and inputs. What every caller of a
+    stage does, Flyte task or :func:`run`. ``trains=False`` (no configured variant needs the stage) returns at once,
+    marked skipped: the Flyte workflow's shape is fixed, so the task of an unneeded stage still runs."""
+    if not trains:
+        log.info("%s: no configured model variant needs it; skipped", stage.name)
+        return StepOutput(path=source.path, skipped=True)
+    if source.skipped:
+        raise ValueError(f"{stage.name} trains on {stage.trains_on}, which was skipped")
     data_root = root_of(workspace)
     out = stage_dir(data_root, stage, section, feature_dir, source.source())
     done = recorded(out, must_exist=("model/config.json",))
@@ -98,7 +100,7 @@ def run_stage(stage: Stage, section: Any, workspace: str, feature_dir: str, sour
         log.info("%s: reusing the finished run in %s", stage.name, out)
         return done
     result = stage.load_runner()(section, feature_dir, source.source(), str(out), parent_run_id,
-                                 checkpoint_root(data_root, run_key, stage.name))
+                                 checkpoint_root(data_root, run_key, stage.name), name=stage.name)
     output = StepOutput(path=str(Path(result.export_dir).resolve()), mlflow_run_id=result.mlflow_run_id or "",
                         steps=result.steps, final_loss=result.final.get("loss"),
                         metrics=dict(result.metrics))
@@ -195,13 +197,15 @@ def _reuse_or_run(directory: Path, must_exist: tuple[str, ...], make) -> StepOut
 # ------------------------------------------------------------------------------------------------ evaluation
 def evaluate_step(settings: EvaluationSettings, data_root: str, features: StepOutput, captions: StepOutput,
                   stages: dict[str, StepOutput], parent_run_id: str | None) -> tuple[StepOutput, Path]:
-    """Every stage's metrics against its baseline and the final model's report; reused when nothing changed."""
+    """Every trained stage's metrics against its baseline, and each variant's full suite and report (``report/<variant>``);
+    reused when nothing changed."""
     from m2d2.pipeline.evaluation import evaluate_stages
 
-    exports = {s.name: stages[s.name].path for s in registry.STAGES}
+    trained = registry.needed_stages(settings.variants)
+    exports = {s.name: stages[s.name].path for s in trained}
     directory = Path(data_root) / "evaluate" / step_key(
-        settings.baseline_inits, settings.prompt_template, [(s.name, settings.models[s.name], exports[s.name])
-                                                            for s in registry.STAGES])
+        settings.baseline_inits, settings.prompt_template, settings.variants,
+        [(s.name, settings.models[s.name], exports[s.name]) for s in trained])
     report_dir = directory / "report"
 
     def make() -> StepOutput:
@@ -215,52 +219,91 @@ def evaluate_step(settings: EvaluationSettings, data_root: str, features: StepOu
 
 @dataclass
 class Registration:
-    """The MLflow model version of an execution's final model, and whether it became the champion."""
+    """The MLflow model version of one variant's export, and whether it became that model's champion."""
 
     model_uri: str
     version: str
     promoted: bool
     reason: str
+    variant: str = ""
+    mlflow_run_id: str = ""  # the variant's run: its metrics and its export under model/
 
 
-def register_step(settings: RegistrationSettings, data_root: str, final: StepOutput,
-                  evaluation: StepOutput) -> Registration:
-    """Register the final export once per (export, scores): re-running an unchanged pipeline adds no version."""
+def variant_metrics(evaluation: dict[str, float], variant_name: str) -> dict[str, float]:
+    """The metrics of one variant's model, without the stage prefix: its final stage's (``zs_acc``, ``a2t_R1`` ...),
+    its gain over its baseline (``zs_gain``) and its suite's (``probe_acc`` ...)."""
+    final = registry.variant(variant_name).final
+    out = {key.split("/", 1)[1]: value for key, value in evaluation.items() if key.startswith(f"{final}/")}
+    if f"{final}_zs_gain" in evaluation:
+        out["zs_gain"] = evaluation[f"{final}_zs_gain"]
+    out.update({key.split("/", 1)[1]: value for key, value in evaluation.items()
+                if key.startswith(f"{variant_name}/")})
+    return out
+
+
+def register_step(settings: RegistrationSettings, data_root: str, stages: dict[str, StepOutput],
+                  evaluation: StepOutput, parent_run_id: str | None = None) -> dict[str, Registration]:
+    """Register each variant's export as a version of its own registered model
+    (:func:`m2d2.pipeline.registry.registered_name`), once per (export, scores): re-running an unchanged pipeline
+    adds no version. Each variant gets an MLflow run under its name (its metrics, its export) that the version
+    points at."""
     from m2d2.registry import register_model
+    from m2d2.tracking import StageRun
 
-    directory = Path(data_root) / "register" / step_key(settings.registered_model, settings.primary_metric,
-                                                         final.path, sorted(evaluation.metrics.items()))
-    record = directory / "registration.json"
-    if record.is_file():
-        return Registration(**json.loads(record.read_text()))
-    result = register_model(final.path, settings.registered_model, evaluation.metrics, settings.primary_metric,
-                            run_id=evaluation.mlflow_run_id or None)
-    registration = Registration(model_uri=result.model_uri, version=str(result.version), promoted=result.promoted,
-                                reason=result.reason)
-    io.atomic_write_bytes(record, json.dumps(dataclasses.asdict(registration)).encode())
-    return registration
+    out: dict[str, Registration] = {}
+    for name in settings.variants:
+        variant = registry.variant(name)
+        final = stages[variant.final]
+        metrics = variant_metrics(evaluation.metrics, name)
+        model_name = registry.registered_name(settings.registered_model, name)
+        directory = Path(data_root) / "register" / step_key(model_name, settings.primary_metric, final.path,
+                                                             sorted(metrics.items()))
+        record = directory / "registration.json"
+        if record.is_file():
+            out[name] = Registration(**json.loads(record.read_text()))
+            continue
+        tags = {"m2d2.variant": name, "m2d2.variant_title": variant.title, "m2d2.final_stage": variant.final}
+        run_id = None
+        if parent_run_id:
+            with StageRun(parent_run_id, name, params={"export": final.path, "registered_model": model_name,
+                                                       "description": variant.description}, tags=tags) as run:
+                run.log_metrics(metrics, step=0)
+                run_id = run.run_id
+        result = register_model(final.path, model_name, metrics, settings.primary_metric, run_id=run_id,
+                                version_tags=tags)
+        out[name] = Registration(model_uri=result.model_uri, version=str(result.version), promoted=result.promoted,
+                                 reason=result.reason, variant=name, mlflow_run_id=result.run_id)
+        io.atomic_write_bytes(record, json.dumps(dataclasses.asdict(out[name])).encode())
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ summary
 def finish(data_root: str, parent_run_id: str, outputs: dict[str, StepOutput], evaluation: StepOutput,
-           registration: Registration) -> Path:
+           registrations: dict[str, Registration]) -> Path:
     """Record which steps were reused (and the runs that produced them), log the headline metrics, close the
     parent run and write the summary ``m2d2 summary`` prints. Returns the summary's path."""
     from m2d2.tracking import finish_pipeline_run, record_cache_hits, tracking_uri, write_pipeline_summary
 
-    sources = {name: out.mlflow_run_id for name, out in outputs.items()}
+    trained = {name: out for name, out in outputs.items() if not out.skipped}
+    sources = {name: out.mlflow_run_id for name, out in trained.items()}
     sources["evaluate"] = evaluation.mlflow_run_id
     hits = record_cache_hits(parent_run_id, sources)
-    finish_pipeline_run(parent_run_id, metrics=evaluation.metrics,
-                        tags={"m2d2.cache_hits": ",".join(s for s, hit in hits.items() if hit) or "none",
-                              "m2d2.registered_model": registration.model_uri,
-                              "m2d2.champion": str(registration.promoted).lower(),
-                              "m2d2.registration_reason": registration.reason})
+    tags = {"m2d2.cache_hits": ",".join(s for s, hit in hits.items() if hit) or "none",
+            "m2d2.variants": ",".join(registrations)}
+    for name, registration in registrations.items():
+        tags[f"m2d2.registered.{name}"] = registration.model_uri
+        tags[f"m2d2.champion.{name}"] = str(registration.promoted).lower()
+    finish_pipeline_run(parent_run_id, metrics=evaluation.metrics, tags=tags)
+    variants = {}
+    for name, registration in registrations.items():
+        variant = registry.variant(name)
+        variants[name] = {"title": variant.title, "stage": variant.final, "model": outputs[variant.final].path,
+                          "metrics": variant_metrics(evaluation.metrics, name),
+                          "registration": dataclasses.asdict(registration)}
     summary = {"mlflow_parent_run_id": parent_run_id, "tracking_uri": tracking_uri(), "cache_hits": hits,
                "metrics": evaluation.metrics,
-               **{f"{s.name}_model": outputs[s.name].path for s in registry.STAGES},
-               "report": evaluation.path,
-               "registration": dataclasses.asdict(registration)}
+               **{f"{s.name}_model": trained[s.name].path for s in registry.STAGES if s.name in trained},
+               "report": evaluation.path, "variants": variants}
     return write_pipeline_summary(data_root, summary)
 
 
@@ -268,9 +311,9 @@ def finish(data_root: str, parent_run_id: str, outputs: dict[str, StepOutput], e
 class PipelineResult:
     """Everything one execution produced."""
 
-    outputs: dict[str, StepOutput]  # "features", "embed" and every stage, by name
+    outputs: dict[str, StepOutput]  # "features", "embed", "views" and every trained stage, by name
     evaluation: StepOutput
-    registration: Registration
+    registrations: dict[str, Registration]  # by variant name
     summary: Path
     parent_run_id: str
 
@@ -295,13 +338,13 @@ def run(cfg: PipelineConfig, execution: str | None = None) -> PipelineResult:
         "embed": captions_step(settings.captions, cfg.data_root, corpus_dir, parent),
     }
     outputs["views"] = views_step(settings.views, cfg.data_root, outputs["features"], parent)
-    for stage in registry.STAGES:
+    for stage in registry.needed_stages(cfg.variants):
         upstream = outputs["embed"] if stage.trains_on == CAPTIONS else outputs[stage.trains_on]
         outputs[stage.name] = run_stage(stage, cfg.stages[stage.name], workspace, outputs["features"].path,
                                         upstream, parent, cfg.run_key)
-    stages = {s.name: outputs[s.name] for s in registry.STAGES}
+    stages = {s.name: outputs[s.name] for s in registry.needed_stages(cfg.variants)}
     evaluation, _ = evaluate_step(settings.evaluation, cfg.data_root, outputs["features"], outputs["embed"], stages,
                                   parent)
-    registration = register_step(settings.registration, cfg.data_root, stages[registry.STAGES[-1].name], evaluation)
-    summary = finish(cfg.data_root, parent, outputs, evaluation, registration)
-    return PipelineResult(outputs, evaluation, registration, summary, parent)
+    registrations = register_step(settings.registration, cfg.data_root, stages, evaluation, parent)
+    summary = finish(cfg.data_root, parent, outputs, evaluation, registrations)
+    return PipelineResult(outputs, evaluation, registrations, summary, parent)

@@ -18,7 +18,6 @@ from m2d2.config import check_choices, merge
 
 Stage = Literal["stage1", "stage1.1", "stage2", "stage2.1"]
 STAGES: tuple[str, ...] = get_args(Stage)
-OPTIONAL_STAGES = ("stage1.1", "stage2.1")  # disabled, the pipeline passes their input through
 CLAP_STAGES = ("stage2", "stage2.1")  # the stages whose input masking augment.mask_ratio sets
 
 
@@ -153,7 +152,6 @@ class TrainStageConfig:
     curated subset without masking)."""
 
     stage: Stage = "stage1"
-    enabled: bool = True  # stages 1.1 and 2.1 are optional: disabled, the pipeline passes the input through
     model: str = "demo"  # the preset whose model config this stage builds (m2d2.presets.model_config)
     seed: int = 0
     log_every: int = 10  # steps between metric read-backs (the only device syncs of the loop)
@@ -163,12 +161,15 @@ class TrainStageConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     topology: TopologyConfig = field(default_factory=TopologyConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # Stage 2 only: train the audio encoder too, instead of freezing it (the paper's M2D2^TA ablation, section
+    # IV-D3a; the paper halved the batch to 1024 for it, which schedule.global_batch sets).
+    train_audio_encoder: bool = False
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise ValueError(f"unknown stage {self.stage!r}; choose one of {', '.join(STAGES)}")
-        if not self.enabled and self.stage not in OPTIONAL_STAGES:
-            raise ValueError(f"{self.stage} cannot be disabled; only {', '.join(OPTIONAL_STAGES)} are optional")
+        if self.train_audio_encoder and self.stage != "stage2":
+            raise ValueError(f"train_audio_encoder is a stage-2 setting (M2D2^TA); {self.stage} cannot use it")
         if self.augment.mask_ratio is not None and self.stage not in CLAP_STAGES:
             raise ValueError(f"augment.mask_ratio is for {', '.join(CLAP_STAGES)}; {self.stage}'s masking is the "
                              "model's (m2d.mask_ratio, or augment.patch_out in stage 1.1)")

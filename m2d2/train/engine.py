@@ -291,24 +291,28 @@ def train(
     run=None,
     checkpoint_root: str | None = None,
     order: EpochOrder | None = None,
+    name: str | None = None,
 ) -> TrainResult:
     """Run ``cfg`` on every rank, resuming from the newest complete checkpoint under ``checkpoint_root``.
+
+    ``name`` is the pipeline stage this is, for logs and the progress bar (``stage2-as``); default ``cfg.stage``.
 
     ``order`` gives each epoch's global clip order (default: every clip once, shuffled); the loop cuts it into
     global batches and gives rank ``r`` every ``world``-th clip, so a global batch is the same clips whatever
     the world size. Rank 0 exports through ``objective.export``. ``run`` is an :class:`m2d2.tracking.StageRun`
     (a no-op off rank 0) or None. Collective and storage failures surface as :class:`RecoverableTrainingError`.
     """
+    name = name or cfg.stage
     try:
-        return _train(cfg, objective, dataset, Path(out_dir), run, checkpoint_root, order)
+        return _train(cfg, objective, dataset, Path(out_dir), run, checkpoint_root, order, name)
     except (TrainingDivergedError, ValueError, KeyError, TypeError, FileNotFoundError):  # retrying cannot help
         raise
     except (dist.DistError, OSError, TimeoutError) as exc:
-        raise RecoverableTrainingError(f"{cfg.stage}: {type(exc).__name__}: {exc}") from exc
+        raise RecoverableTrainingError(f"{name}: {type(exc).__name__}: {exc}") from exc
 
 
 def _train(cfg: TrainStageConfig, objective: Objective, dataset, out_dir: Path, run, checkpoint_root: str | None,
-           order: EpochOrder | None) -> TrainResult:
+           order: EpochOrder | None, name: str) -> TrainResult:
     from tqdm import tqdm
 
     schedule, topology = cfg.schedule, cfg.topology
@@ -330,7 +334,7 @@ def _train(cfg: TrainStageConfig, objective: Objective, dataset, out_dir: Path, 
         _load_optimizer(optimizer, ckpt.rank_state["optimizer"], manager, latest, rank, world)
         _set_rng_state(ckpt.rank_state["rng"], device)
         state = TrainState(**ckpt.meta["train_state"])
-        log.info("%s: resumed from %s at step %d", cfg.stage, manager.step_uri(latest), state.step)
+        log.info("%s: resumed from %s at step %d", name, manager.step_uri(latest), state.step)
     if run is not None:
         run.log_params({"train": asdict(cfg), "derived": {"lr": cfg.lr, "total_steps": total, "world_size": world,
                                                           "steps_per_epoch": steps_per_epoch, "warmup_steps": warmup,
@@ -342,9 +346,9 @@ def _train(cfg: TrainStageConfig, objective: Objective, dataset, out_dir: Path, 
     requested = topology.nnodes * topology.nproc_per_node
     if requested != world:
         log.warning("%s: the config asks for %d x %d processes but %d are running; the global batch (%d) and the "
-                    "schedule are unchanged", cfg.stage, topology.nnodes, topology.nproc_per_node, world,
+                    "schedule are unchanged", name, topology.nnodes, topology.nproc_per_node, world,
                     schedule.global_batch)
-    log.info("%s: %d steps (%d per epoch), world %d, lr %.3g, %d blocks compiled", cfg.stage, total, steps_per_epoch,
+    log.info("%s: %d steps (%d per epoch), world %d, lr %.3g, %d blocks compiled", name, total, steps_per_epoch,
              world, cfg.lr, trainer.compiled_blocks)
 
     def save(step: int) -> None:
@@ -356,7 +360,7 @@ def _train(cfg: TrainStageConfig, objective: Objective, dataset, out_dir: Path, 
 
     # Fault injection for resume tests and drills: the process dies right after finishing this step.
     fault_at = int(os.environ["M2D2_FAULT_AT_STEP"]) if os.environ.get("M2D2_FAULT_AT_STEP") else None
-    progress = tqdm(total=total, initial=state.step, desc=cfg.stage, unit="step", disable=rank != 0, leave=False)
+    progress = tqdm(total=total, initial=state.step, desc=name, unit="step", disable=rank != 0, leave=False)
     last: dict[str, float] = {}
     window_start, window_samples = time.perf_counter(), 0
     loader.load_state_dict(dict(zip(("epoch", "batch"), divmod(state.step, steps_per_epoch), strict=True)))
@@ -369,10 +373,10 @@ def _train(cfg: TrainStageConfig, objective: Objective, dataset, out_dir: Path, 
             if out is None:
                 state.skipped_steps += 1
                 state.consecutive_nonfinite += 1
-                log.warning("%s: non-finite loss or gradient at step %d, step skipped (%d in a row)", cfg.stage,
+                log.warning("%s: non-finite loss or gradient at step %d, step skipped (%d in a row)", name,
                             state.step, state.consecutive_nonfinite)
                 if state.consecutive_nonfinite >= cfg.checkpoint.max_nonfinite:
-                    raise TrainingDivergedError(f"{cfg.stage}: {state.consecutive_nonfinite} consecutive non-finite "
+                    raise TrainingDivergedError(f"{name}: {state.consecutive_nonfinite} consecutive non-finite "
                                                 f"losses up to step {state.step}; lower the lr or check the data")
             else:
                 state.consecutive_nonfinite = 0
@@ -396,7 +400,7 @@ def _train(cfg: TrainStageConfig, objective: Objective, dataset, out_dir: Path, 
             if every is not None and state.step % every == 0 and state.step < total:
                 save(state.step)
             if fault_at is not None and state.step == fault_at:
-                log.error("%s: M2D2_FAULT_AT_STEP=%d: simulating a crash", cfg.stage, fault_at)
+                log.error("%s: M2D2_FAULT_AT_STEP=%d: simulating a crash", name, fault_at)
                 os._exit(FAULT_EXIT_CODE)  # no cleanup, no flush: what a killed pod looks like
     progress.close()
     if manager.latest() != state.step:

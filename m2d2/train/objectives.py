@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from m2d2 import io
-from m2d2.models import M2D2, PatchMask
+from m2d2.models import M2D2, ChunkMasks, PatchMask
 from m2d2.models.tagger import FineTuneModel
 from m2d2.train.config import TrainStageConfig
 from m2d2.train.finetune import mixup_batch
@@ -100,14 +100,14 @@ def build_optimizer(cfg: TrainStageConfig, module: nn.Module, device: torch.devi
 
 
 # ----------------------------------------------------------------------------------------------------- CLAP
-def _micro_batches(lms: torch.Tensor, text, mask: PatchMask, accum: int):
+def _micro_batches(lms: torch.Tensor, text, mask: PatchMask | ChunkMasks, accum: int):
     size = lms.shape[0] // accum
     for k in range(accum):
         part = slice(k * size, (k + 1) * size)
-        yield lms[part], text[part], PatchMask(mask.ids_keep[part], mask.ids_masked[part])
+        yield lms[part], text[part], mask.select(part)
 
 
-def clap_step(engine, model: M2D2, lms: torch.Tensor, text, mask: PatchMask, accum: int,
+def clap_step(engine, model: M2D2, lms: torch.Tensor, text, mask: PatchMask | ChunkMasks, accum: int,
               check_finite: bool = True) -> StepOutput | None:
     """One optimiser step of M2D + CLAP (stage 1) or CLAP alone (stages 2, 2.1) over the local batch.
 

@@ -24,7 +24,8 @@ from tests.helpers import subprocess_env
 
 PYFLYTE = Path(sys.executable).with_name("pyflyte")
 TRAINER, CPU = "ghcr.io/example/m2d2-trainer:v1", "ghcr.io/example/m2d2-cpu:v1"
-TRAINING = {"stage1": 4, "stage1_1": 1, "stage2": 4, "stage2_1": 4}  # task -> GPUs per node (paper preset)
+TRAINING = {"stage1": 4, "stage1_1": 1, "stage2": 4, "stage2_1": 4, "stage2_as": 4,
+            "stage2_1_as": 4}  # task -> GPUs per node (paper preset)
 
 
 @pytest.fixture(scope="module")

@@ -19,14 +19,14 @@ import pytest
 import torch
 
 from m2d2.pipeline import STAGES, registry, run
-from m2d2.pipeline.registry import Stage
+from m2d2.pipeline.registry import Stage, Variant
 from m2d2.presets import pipeline_config
 from tests.helpers import GOLDEN as GOLDEN_DIR
 
 GOLDEN = GOLDEN_DIR / "smoke_exports.json"
 
 
-def copy_stage(cfg, feature_dir, source, out_dir, parent_run_id=None, checkpoint_root=None):
+def copy_stage(cfg, feature_dir, source, out_dir, parent_run_id=None, checkpoint_root=None, name=None):
     """The runner of a stage added by a test: re-exports its input (a real stage would train here)."""
     from m2d2.models import M2D2
     from m2d2.train.stages import StageOutput
@@ -74,11 +74,19 @@ def test_smoke_pipeline_in_process_matches_golden_and_reruns_only_what_changed(t
                     "only comparable on the same torch build and CPU")
     assert digests == golden["exports"], "the smoke pipeline's exports changed: a change of behaviour (see docstring)"
     summary = json.loads(first.summary.read_text())
-    assert not any(summary["cache_hits"].values()) and first.registration.promoted
+    assert not any(summary["cache_hits"].values())
+    # one execution, four models, each registered under its own name and the first champion of it
+    assert {name: r.model_uri for name, r in first.registrations.items()} == {
+        "m2d2-minus": "models:/m2d2-minus/1", "m2d2": "models:/m2d2/1", "m2d2-plus": "models:/m2d2-plus/1",
+        "m2d2-as-plus": "models:/m2d2-as-plus/1"}
+    assert all(r.promoted for r in first.registrations.values())
+    assert {name: v["stage"] for name, v in summary["variants"].items()} == {
+        "m2d2-minus": "stage1", "m2d2": "stage2", "m2d2-plus": "stage2.1", "m2d2-as-plus": "stage2.1-as"}
     # every stage's view was checked first and its clip count logged (the smoke corpus: 20 training clips, 10 with
-    # 3 captions for stage 2.1; its evaluation clips share no recording with them)
+    # 3 captions for stage 2.1 on either line; its evaluation clips share no recording with them)
     views = first.outputs["views"].metrics
-    assert views["stage1/clips"] == 20 and views["stage2.1/clips"] == 10 and views["stage1/removed"] == 0
+    assert views["stage1/clips"] == 20 and views["stage2.1/clips"] == views["stage2.1-as/clips"] == 10
+    assert views["stage1/removed"] == 0
 
     # The same config again: every step is reused, with the run that produced it.
     again = run(cfg)
@@ -86,21 +94,35 @@ def test_smoke_pipeline_in_process_matches_golden_and_reruns_only_what_changed(t
     assert all(hits.values()) and set(hits) == {"features", "embed", "views", "evaluate", *(s.name for s in STAGES)}
     assert again.outputs["stage2"].mlflow_run_id == first.outputs["stage2"].mlflow_run_id
 
-    # Stage 2.1's settings changed: it and what follows it run again; everything before it is reused.
+    # Stage 2.1's settings changed: it and what follows it run again; everything before it is reused, and so is
+    # the other line (stage2-as, stage2.1-as).
     changed = dataclasses.replace(cfg, stages={**cfg.stages, "stage2.1": cfg.stages["stage2.1"].replace(seed=1)})
     third = run(changed)
     hits = json.loads(third.summary.read_text())["cache_hits"]
     assert hits == {"features": True, "embed": True, "views": True, "stage1": True, "stage1.1": True, "stage2": True,
-                    "stage2.1": False, "evaluate": False}
+                    "stage2.1": False, "stage2-as": True, "stage2.1-as": True, "evaluate": False}
     assert third.outputs["stage2.1"].path != first.outputs["stage2.1"].path
-    assert third.registration.version != first.registration.version  # a new model, a new version
+    # M2D2⁺ is a new model, a new version of its registered model; the other three are unchanged and add none
+    assert third.registrations["m2d2-plus"].model_uri == "models:/m2d2-plus/2"
+    assert {n: r.model_uri for n, r in third.registrations.items() if n != "m2d2-plus"} == {
+        n: r.model_uri for n, r in first.registrations.items() if n != "m2d2-plus"}
 
-    # Adding a stage: one declaration in the registry plus its runner; the in-process driver and evaluation walk it.
-    added = Stage("stage2.2", trains_on="stage2.1", runner="tests.integration.test_pipeline_runner:copy_stage", optional=True,
+    # Only the models a config lists are made: M2D2⁻ alone trains stage 1 and nothing after it.
+    alone = run(dataclasses.replace(changed, variants=["m2d2-minus"]))
+    assert {s for s in alone.outputs if s.startswith("stage")} == {"stage1"} and list(alone.registrations) == [
+        "m2d2-minus"]
+
+    # Adding a stage: one declaration in the registry plus its runner (and, if it is a model of its own, a variant);
+    # the in-process driver, evaluation and registration walk them.
+    added = Stage("stage2.2", trains_on="stage2.1", runner="tests.integration.test_pipeline_runner:copy_stage",
                   baseline="stage2", title="stage 2.2", recipe="stage2.1")
     monkeypatch.setattr(registry, "STAGES", (*STAGES, added))
+    monkeypatch.setattr(registry, "VARIANTS", (*registry.VARIANTS, Variant("m2d2-plus-plus", "M2D2⁺⁺", "stage2.2")))
+    monkeypatch.setattr(registry, "VARIANT_NAMES", (*registry.VARIANT_NAMES, "m2d2-plus-plus"))
     # ... and its settings under its name (a preset gives them to every registered stage)
-    fourth = run(dataclasses.replace(changed, stages={**changed.stages, "stage2.2": changed.stages["stage2.1"]}))
+    fourth = run(dataclasses.replace(changed, stages={**changed.stages, "stage2.2": changed.stages["stage2.1"]},
+                                     variants=["m2d2-plus-plus"]))
+    assert fourth.registrations["m2d2-plus-plus"].model_uri == "models:/m2d2-plus-plus/1"
     hits = json.loads(fourth.summary.read_text())["cache_hits"]
     assert hits["stage2.1"] and not hits.get("stage2.2") and not hits["evaluate"]  # an untracked runner has no run
     metrics = fourth.evaluation.metrics

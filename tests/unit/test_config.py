@@ -12,7 +12,7 @@ import pytest
 from m2d2 import presets
 from m2d2.config import ConfigError, dumps, from_dict, load, loads, merge
 from m2d2.models import M2D2Config
-from m2d2.pipeline import PipelineConfig
+from m2d2.pipeline import PipelineConfig, registry
 from m2d2.train.config import STAGES, DataConfig, OptimConfig, ScheduleConfig, TrainStageConfig
 
 
@@ -24,7 +24,7 @@ def test_every_preset_round_trips_through_yaml_json_and_asdict(name):
     assert loads(dumps(cfg, "json"), PipelineConfig, fmt="json") == cfg
     assert PipelineConfig.from_json(json.dumps(dataclasses.asdict(cfg))) == cfg  # what a test or a user writes
     for stage, section in cfg.stages.items():  # any section on its own
-        assert section.stage == stage and loads(dumps(section), TrainStageConfig) == section
+        assert section.stage == registry.stage(stage).recipe and loads(dumps(section), TrainStageConfig) == section
         assert loads(dumps(section.optim), OptimConfig) == section.optim
     model = presets.model_config(name)
     assert M2D2Config.from_dict(model.to_dict()) == model
@@ -48,7 +48,14 @@ def test_files_load_by_suffix(tmp_path):
     ({"experimnet": "x"}, "experimnet: unknown key; known: preset, data_root,"),
     ({"stages": {"stage1": {"schedule": {"epochs": "ten"}}}}, "stages.stage1.schedule.epochs: expected an integer, got 'ten'"),
     ({"stages": {"stage1": {"schedule": {"epochs": 10.5}}}}, "stages.stage1.schedule.epochs: expected an integer, got 10.5"),
-    ({"stages": {"stage1": {"enabled": "yes"}}}, "stages.stage1.enabled: expected true or false, got 'yes'"),
+    ({"stages": {"stage2": {"train_audio_encoder": "yes"}}},
+     "stages.stage2.train_audio_encoder: expected true or false, got 'yes'"),
+    ({"stages": {"stage1": {"enabled": False}}}, "stages.stage1.enabled: unknown key"),
+    ({"variants": ["m2d2", "m2d2-ta"]}, "variants: unknown model 'm2d2-ta'; choose from m2d2-minus, m2d2, m2d2-plus, "
+                                        "m2d2-as-plus"),
+    ({"variants": []}, "variants: list at least one model"),
+    ({"variants": ["m2d2", "m2d2"]}, "names a model twice"),
+    ({"primary_metric": "stage2.1/zs_acc"}, "primary_metric='stage2.1/zs_acc': name a metric of each model"),
     ({"stages": {"stage2.1": {"data": {"sources": "wavcaps,clotho"}}}},
      "stages.stage2.1.data.sources: expected a list, got 'wavcaps,clotho'"),
     ({"stages": {"stage2.1": {"data": {"sources": ["wavcaps", 3]}}}},
@@ -56,7 +63,7 @@ def test_files_load_by_suffix(tmp_path):
     ({"stages": {"stage1.1": {"optim": {"name": "adam"}}}},
      "stages.stage1.1.optim.name: 'adam' is not one of 'adamw', 'lars', 'sgd'"),
     ({"stages": {"stage3": {"stage": "stage2"}}}, "stages.stage3: unknown stage; the pipeline's stages are stage1, "
-                                                   "stage1.1, stage2, stage2.1"),
+                                                   "stage1.1, stage2, stage2.1, stage2-as, stage2.1-as"),
     ({"stages": {"stage2.1": {"stage": "stage2"}}}, "stages.stage2.1 holds a 'stage2' config; it must be 'stage2.1'"),
     ({"stages": {"stage1": {"topology": {"zero_stage": 3}}}}, "stages.stage1.topology.zero_stage: 3 is not one of 0, 1, 2"),
     ({"stages": {"stage1": {"topology": {"zero_stage": True}}}}, "stages.stage1.topology.zero_stage: True is not one of 0, 1, 2"),
@@ -67,6 +74,8 @@ def test_files_load_by_suffix(tmp_path):
     ({"stages": {"stage2": {"augment": {"mask_ratio": 1.5}}}}, r"stages.stage2.augment: mask_ratio=1.5: must be in \[0, 1\)"),
     ({"stages": {"stage1": {"model": "huge"}}}, "stages.stage1.model='huge': choose one of paper, demo, smoke"),
     ({"stages": {"stage2": {"stage": "stage1"}}}, "stages.stage2 holds a 'stage1' config; it must be 'stage2'"),
+    ({"stages": {"stage2.1-as": {"stage": "stage2"}}},
+     "stages.stage2.1-as holds a 'stage2' config; it must be 'stage2.1'"),
 ])
 def test_a_bad_key_or_value_is_named_by_its_dotted_path(data, message):
     with pytest.raises(ValueError, match=message):
@@ -74,8 +83,8 @@ def test_a_bad_key_or_value_is_named_by_its_dotted_path(data, message):
 
 
 def test_stage_validation_messages():
-    with pytest.raises(ValueError, match="stage1 cannot be disabled; only stage1.1, stage2.1 are optional"):
-        TrainStageConfig(stage="stage1", enabled=False)
+    with pytest.raises(ValueError, match="train_audio_encoder is a stage-2 setting"):
+        TrainStageConfig(stage="stage2.1", train_audio_encoder=True)
     with pytest.raises(ValueError, match="augment.mask_ratio is for stage2, stage2.1"):
         presets.stage_config("stage1", "demo").replace(augment={"mask_ratio": 0.5})
     with pytest.raises(ValueError, match="does not split into accum_steps=3"):
@@ -93,7 +102,8 @@ def test_a_partial_mapping_overlays_the_default_and_merge_copies():
     demo = presets.stage_config("stage1", "demo")
     assert cfg.stages["stage1"] == demo.replace(schedule={"max_steps": 2})
     assert cfg.stages["stage1"].schedule.global_batch == 32
-    assert list(cfg.stages) == list(STAGES) and cfg.stages["stage2.1"] == presets.stage_config("stage2.1", "demo")
+    assert list(cfg.stages) == [s.name for s in registry.STAGES]
+    assert cfg.stages["stage2.1"] == cfg.stages["stage2.1-as"] == presets.stage_config("stage2.1", "demo")
     changed = merge(demo, {"optim": {"base_lr": 1e-3}})
     assert changed.optim.base_lr == 1e-3 and changed.optim.beta2 == demo.optim.beta2
     assert changed.schedule == demo.schedule and changed.schedule is not demo.schedule  # no shared section
@@ -117,7 +127,9 @@ def test_one_registry_gives_model_stages_and_pipeline():
         assert preset.model == presets.model_config(name)
         assert list(preset.stages) == list(STAGES)
         pipe = preset.pipeline
-        assert pipe.preset == name and pipe.stages == preset.stages
+        assert pipe.preset == name and {k: pipe.stages[k] for k in STAGES} == preset.stages
+        assert pipe.stages["stage2-as"] == preset.stages["stage2"]  # a stage repeating a recipe takes its settings
+        assert pipe.variants == ["m2d2-minus", "m2d2", "m2d2-plus", "m2d2-as-plus"]  # both presets make all four
         assert {s.model for s in preset.stages.values()} == {name}
     with pytest.raises(ValueError, match="unknown preset 'huge'; choose one of paper, demo, smoke"):
         presets.get("huge")

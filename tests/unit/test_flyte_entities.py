@@ -26,18 +26,25 @@ def test_latest_snapshot_resolution(tmp_path):
         resolve_corpus_source(f"{tmp_path / '2026-11-27'}/latest")
 
 
-def test_optional_stages_pass_their_input_through_when_disabled():
-    """Pass-through is the library's (m2d2.pipeline.runner.run_stage), whichever driver calls it."""
-    from m2d2.pipeline import PipelineConfig
-    from m2d2.pipeline.registry import stage
+def test_a_stage_no_variant_needs_is_skipped_and_variants_select_the_stages():
+    """Skipping is the library's (m2d2.pipeline.runner.run_stage), whichever driver calls it."""
+    from m2d2.pipeline import PipelineConfig, step_settings
+    from m2d2.pipeline.registry import needed_stages, stage
     from m2d2.pipeline.runner import StepOutput, run_stage
 
-    cfg = PipelineConfig()
+    cfg = PipelineConfig(variants=["m2d2-plus"])
     previous = StepOutput(path="/nothing/is/read/from/here")  # nothing is read from it, nothing is trained
-    assert run_stage(stage("stage1.1"), cfg.stages["stage1.1"].replace(enabled=False), "/x#id", "/f", previous) is previous
-    assert run_stage(stage("stage2.1"), cfg.stages["stage2.1"].replace(enabled=False), "/x#id", "/f", previous) is previous
-    with pytest.raises(ValueError, match="stage2 cannot be disabled"):  # refused by the config already
-        cfg.stages["stage2"].replace(enabled=False)
+    skipped = run_stage(stage("stage1.1"), cfg.stages["stage1.1"], "/x#id", "/f", previous, trains=False)
+    assert skipped.skipped and skipped.path == previous.path
+    with pytest.raises(ValueError, match="stage2-as trains on stage1.1, which was skipped"):
+        run_stage(stage("stage2-as"), cfg.stages["stage2-as"], "/x#id", "/f", skipped)
+    settings = step_settings(cfg)
+    assert settings.trains == {"stage1": True, "stage1.1": False, "stage2": True, "stage2.1": True,
+                               "stage2-as": False, "stage2.1-as": False}
+    assert list(settings.views) == ["stage1", "stage2", "stage2.1"]  # only stages that train are checked
+    assert [s.name for s in needed_stages(["m2d2-as-plus"])] == ["stage1", "stage1.1", "stage2-as", "stage2.1-as"]
+    assert [s.name for s in needed_stages(["m2d2-minus"])] == ["stage1"]
+    assert all(step_settings(PipelineConfig()).trains.values())  # the default makes all four models
 
 
 def test_data_root_must_be_a_path_every_task_sees():

@@ -292,6 +292,42 @@ def test_stage2_structured_mask_applies_to_the_frozen_encoder(tiny):
     assert seen[0] < 5 * 19 and seen[0] >= 0.7 * 5 * 19 - 1e-9 and seen[1] == 5 * 19
 
 
+def test_stage2_on_a_shorter_encoder_masks_and_encodes_each_chunk(tiny):
+    """M2D2 (stage 2 on stage 1's encoder): crops longer than the encoder go through it in chunks of its length, each
+    masked on its own grid; unmasked, the training features are exactly inference's (encode_clap_audio_lms)."""
+    from m2d2.models import ChunkMasks
+
+    torch.manual_seed(0)
+    model = M2D2(tiny_config(input_frames=64))  # 5 x 4 patches
+    model.start_stage2(tiny_bert(hidden=64))
+    model.eval()  # no dropout: the two paths must agree exactly
+    mask = model.make_mask(3, 96, generator=torch.Generator().manual_seed(0))  # 96 frames = 64 + 32
+    assert isinstance(mask, ChunkMasks)
+    assert [m.ids_keep.shape[1] + m.ids_masked.shape[1] for m in mask.chunks] == [5 * 4, 5 * 2]
+    part = mask.select(slice(1, 2))
+    assert [m.ids_keep.shape[0] for m in part.chunks] == [1, 1]
+    assert torch.equal(part.chunks[1].ids_keep, mask.chunks[1].ids_keep[1:2])
+    assert not isinstance(model.make_mask(3, 64), ChunkMasks)  # within the encoder's length: one mask, as before
+
+    lms = torch.randn(3, 80, 96) * 3 - 5
+    seen = []
+    handle = model.audio_proj.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
+    unmasked = model.forward_features(lms, ["a", "b", "c"], model.make_mask(3, 96, mask_ratio=0.0))
+    masked = model.forward_features(lms, ["a", "b", "c"], mask)
+    handle.remove()
+    assert seen == [5 * 4 + 5 * 2, sum(m.num_visible for m in mask.chunks)]
+    with torch.no_grad():
+        assert torch.allclose(unmasked["audio"], model.encode_clap_audio_lms(lms), atol=1e-6)
+    assert masked["audio"].shape == (3, model.config.clap_dim)
+
+    # M2D2^TA (train_audio_encoder): the same chunked path carries gradients into the encoder
+    model.train()
+    model.encoder.requires_grad_(True)
+    out = model.losses({}, *model.forward_features(lms, ["a", "b", "c"], mask).values())
+    out["loss"].backward()
+    assert _grad_parts(model)["encoder"]
+
+
 def test_stage1_requires_m2d_heads(tiny):
     with pytest.raises(ValueError, match="with_m2d=True"):
         M2D2(tiny, with_m2d=False).set_stage("stage1")
