@@ -252,6 +252,16 @@ class Embedder(torch.nn.Module):
         """CLAP audio embeddings ``[N, D_clap]`` of raw log-mels ``[n_mels, T]``, one clip at a time."""
         return torch.stack([self.model.encode_clap_audio_lms(x[None].to(self.device))[0].float().cpu() for x in lms])
 
+    @torch.inference_mode()
+    def clip_and_clap_audio_lms(self, lms: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`clip_features_lms` and :meth:`clap_audio_lms` of the same clips from one encoder pass each."""
+        clips, audio = [], []
+        for x in lms:
+            frames, clap = self.model.encode_frames_and_clap_audio_lms(x[None].to(self.device))
+            clips.append(frames.mean(dim=1)[0].float().cpu())
+            audio.append(clap[0].float().cpu())
+        return torch.stack(clips), torch.stack(audio)
+
     # ------------------------------------------------------------------ identity
     def audio_fingerprint(self) -> str:
         """SHA-256 of everything CLAP audio embeddings depend on: front-end settings, norm stats, encoder and

@@ -85,8 +85,7 @@ def evaluate_suite(
     labels = data.label_indices().numpy() if data.class_names else None
     with eval_mode(model):
         embedder = Embedder(model)
-        clip_feats = embedder.clip_features_lms(data.lms)
-        audio = embedder.clap_audio_lms(data.lms)
+        clip_feats, audio = embedder.clip_and_clap_audio_lms(data.lms)
         if labels is not None:
             rule = PromptRule(data.prompt_template) if task is None else task
             prompts = class_prompts(rule, data.class_names)

@@ -24,7 +24,7 @@ def chain(smoke_data, tmp_path_factory):
     """stage-1 export (random init) -> stage 1.1 -> stage 2 -> stage 2.1, all smoke presets."""
     from m2d2.train.stages import run_stage1_1, run_stage2, run_stage2_1
 
-    _, features, _ = smoke_data
+    _, features, captions = smoke_data
     root = tmp_path_factory.mktemp("chain")
     torch.manual_seed(0)
     stage1 = M2D2(model_config("smoke"), with_m2d=False)
@@ -34,7 +34,8 @@ def chain(smoke_data, tmp_path_factory):
     s11 = run_stage1_1(stage_config("stage1.1", "smoke"), str(features), str(root / "s1"), str(root / "s11"))
     s2 = run_stage2(stage_config("stage2", "smoke"), str(features), s11.export_dir, str(root / "s2"))
     s21 = run_stage2_1(stage_config("stage2.1", "smoke"), str(features), s2.export_dir, str(root / "s21"))
-    return {"root": root, "s1": str(root / "s1"), "s11": s11, "s2": s2, "s21": s21, "features": features}
+    return {"root": root, "s1": str(root / "s1"), "s11": s11, "s2": s2, "s21": s21, "features": features,
+            "captions": str(captions)}
 
 
 def _weights(export: str) -> dict[str, torch.Tensor]:
@@ -98,9 +99,21 @@ def test_a_config_of_another_stage_is_refused(chain):
         TrainStageConfig(stage="stage3")
 
 
-def test_stage2_without_stage11_cannot_crop_beyond_the_encoder(chain):
-    from m2d2.train.stages import run_stage2
+def test_stage2_on_the_stage1_encoder_takes_longer_crops_in_chunks(chain):
+    """M2D2: stage 2 straight on stage 1's 64-frame encoder with 96-frame crops (the smoke preset's), as the paper's
+    stage 2 takes 1001-frame crops through a 608-frame encoder; the encoder stays frozen and stage 1's."""
+    from m2d2.train.stages import run_stage1, run_stage2
 
-    cfg = stage_config("stage2", "smoke").replace(data={"crop_frames": 96})  # the stage-1 encoder takes 64 frames
+    cfg = stage_config("stage2", "smoke")
+    assert cfg.data.crop_frames == 96
+    out = run_stage2(cfg, str(chain["features"]), chain["s1"], str(chain["root"] / "on-s1"), name="stage2")
+    s1, s2 = _weights(chain["s1"]), _weights(out.export_dir)
+    assert M2D2.from_pretrained(out.export_dir).config.encoder.input_frames == 64
+    for key, value in s1.items():
+        if key.startswith("encoder."):
+            assert torch.equal(s2[key], value), key
+    assert out.steps == 3 and out.final["loss"] > 0
+    # stage 1 trains the encoder itself: its crops must fit its positional table
     with pytest.raises(ValueError, match="exceed the encoder's 64"):
-        run_stage2(cfg, str(chain["features"]), chain["s1"], str(chain["root"] / "no-s11"))
+        run_stage1(stage_config("stage1", "smoke").replace(data={"crop_frames": 96}), str(chain["features"]),
+                   chain["captions"], str(chain["root"] / "too-long"))

@@ -36,7 +36,7 @@ from m2d2.tracking import start_pipeline_run
 raw = json.loads(sys.argv[1])
 cfg = from_dict(PipelineConfig, raw)
 parent = start_pipeline_run("elastic-test")
-result = stage1(section=cfg.stages["stage1"], workspace=workspace_token(cfg.data_root),
+result = stage1(section=cfg.stages["stage1"], trains=True, workspace=workspace_token(cfg.data_root),
                 features=Artifact(path=_out({str(features)!r}), mlflow_run_id=""),
                 source=Artifact(path=_out({str(captions.parent)!r}), mlflow_run_id=""), run_key="", parent_run_id=parent)
 print("RESULT", json.dumps({{"steps": result.steps, "model": str(result.path.path), "run": result.mlflow_run_id}}))
