@@ -37,7 +37,7 @@ demo: $(STAMP)
 	@echo
 	@$(VENV)/bin/m2d2 summary --data-root runs
 	@echo
-	@echo "Outputs: ./runs (corpus, features, caption vectors, checkpoints and exports of stages 1, 1.1, 2, 2.1, evaluation report)"
+	@echo "Outputs: ./runs (corpus, features, caption vectors, checkpoints and exports of every stage, a report per model: M2D2-, M2D2, M2D2+, M2D2^AS+)"
 	@echo "Browse every run:  make mlflow-ui   (= $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db)"
 
 mlflow-ui: $(STAMP)

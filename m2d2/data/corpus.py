@@ -238,6 +238,6 @@ def _pipeline_yaml(uri: str, roots: list[str], max_captions: int) -> str:
         text += ("# Stage 2.1's default subset is the clips with >= 3 captions; this corpus has at most "
                  f"{max_captions},\n# so stage 2.1 (on both lines: M2D2⁺ and M2D2^AS+) continues on every captioned "
                  "clip.\n")
-        one = {"data": {"min_captions": 1}}
-        text += yaml.safe_dump({"stages": {"stage2.1": one, "stage2.1-as": one}}, sort_keys=False)
+        stages = {name: {"data": {"min_captions": 1}} for name in ("stage2.1", "stage2.1-as")}  # no YAML anchors
+        text += yaml.safe_dump({"stages": stages}, sort_keys=False)
     return text

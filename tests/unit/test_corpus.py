@@ -57,7 +57,8 @@ def test_a_folder_with_captions_becomes_a_snapshot_the_pipeline_can_train_on(fol
     assert f"corpus snapshot {snap}" in printed and "quarantined 2 (missing 1, unreadable 1)" in printed
     cfg = loads((snap / "pipeline.yaml").read_text(), PipelineConfig)  # a valid --cfg file
     assert cfg.corpus_source == str(snap) and cfg.audio_roots == [str((folder / "my audio").resolve())]
-    assert cfg.stages["stage2.1"].data.min_captions == 1  # one caption per clip: 2.1 continues on all of them
+    assert cfg.stages["stage2.1"].data.min_captions == cfg.stages["stage2.1-as"].data.min_captions == 1  # one caption
+    assert "&id" not in (snap / "pipeline.yaml").read_text()  # plain YAML a user can edit, no anchors
     assert resolve_corpus_source(str(out / "latest")) == str(snap)
     again = main(["corpus", "--folder", str(folder / "my audio"), "--out", str(out), "--name", "2026-12-06T000000Z"])
     assert again == 2 and "already holds a snapshot" in capsys.readouterr().err

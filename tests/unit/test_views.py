@@ -64,6 +64,9 @@ def test_the_paper_presets_views_on_a_fixture_corpus(store):
     assert _ids(store, views["stage2"]) == ["audioset:a1", "audioset:a3", "vggsound:v1", "wavcaps:FreeSound/f2",
                                             "audiocaps:a2", "audiocaps:a5", "clotho:c1"]
     assert _ids(store, views["stage2.1"]) == ["wavcaps:FreeSound/f2", "audiocaps:a2", "audiocaps:a5", "clotho:c1"]
+    # the AS+ line's stages 2 and 2.1 select as stages 2 and 2.1 do (same recipes, another encoder)
+    assert _ids(store, views["stage2-as"]) == _ids(store, views["stage2"])
+    assert _ids(store, views["stage2.1-as"]) == _ids(store, views["stage2.1"])
     removed = {(r["clip_id"], r["reason"], r["held_out_clip_id"]) for r in views["stage1"].removed.to_pylist()}
     assert removed == {("audioset:a2", "origin", "audiocaps:a2"), ("audioset:a4", "origin", "audiocaps:a4t"),
                        ("vggsound:v2", "content_hash", "esc50:e2"), ("wavcaps:AudioSet_SL/a2", "origin", "audiocaps:a2"),
