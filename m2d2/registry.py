@@ -6,9 +6,10 @@ with the version that holds the alias (``champion``). The alias moves only when 
 better; the very first version takes it. Either way the version carries ``m2d2.promotion`` (``promoted`` /
 ``not_promoted``) and ``m2d2.promotion_reason``, so the registry itself says why a version is or is not serving.
 
-Metrics are compared only with the incumbent's own tag, never recomputed: both numbers must come from the same
-evaluation (same eval set, same protocol). An incumbent without the primary metric's tag is an error, not a
-silent promotion. Registry stages are deprecated since MLflow 2.9; aliases are the supported mechanism.
+Metrics are compared only with the incumbent's own tag, never recomputed, and only when both versions were
+evaluated on the same suite: a version records the digest of its evaluation (``m2d2.eval_suite``: protocol, prompt
+and evaluation data), and one evaluated on another suite is registered but not compared — the alias stays, and the
+version says why. An incumbent without the primary metric's tag is an error, not a silent promotion. Registry stages are deprecated since MLflow 2.9; aliases are the supported mechanism.
 
 Reading the incumbent and moving the alias are two requests, not a transaction: run the registrations of one
 model name one at a time (one Flyte task per pipeline execution does). Uses ``MlflowClient`` with explicit
@@ -38,6 +39,7 @@ DIRECTION_TAG = "m2d2.higher_is_better"
 STATUS_TAG = "m2d2.promotion"
 REASON_TAG = "m2d2.promotion_reason"
 EXPORT_TAG = "m2d2.export_uri"
+SUITE_TAG = "m2d2.eval_suite"  # digest of the evaluation a version's metrics come from
 EXPORT_MARKER = "config.json"  # written last by M2D2.save_pretrained: its presence marks a complete export
 _ALIAS = re.compile(r"^[A-Za-z0-9_-]+$")
 _TAG_UNSAFE = re.compile(r"[^A-Za-z0-9_\-./ ]")
@@ -85,26 +87,37 @@ def _experiment_id(client, name: str) -> str:
         return experiment.experiment_id
 
 
-def _incumbent(client, name: str, alias: str, primary_metric: str) -> tuple[str | None, float | None]:
-    """The version holding ``alias`` and its recorded primary metric, or (None, None) when nobody holds it."""
+def _incumbent(client, name: str, alias: str, primary_metric: str,
+               suite: str | None) -> tuple[str | None, float | None, str | None]:
+    """The version holding ``alias``, its recorded primary metric and its evaluation suite's digest, or
+    (None, None, None) when nobody holds it. A holder evaluated on another suite comes without its metric: it
+    cannot be compared, whatever it recorded."""
     try:
         current = client.get_model_version_by_alias(name, alias)
     except MlflowException as err:
         if _is_missing(err):
-            return None, None
+            return None, None, None
         raise
+    theirs = current.tags.get(SUITE_TAG)
+    if theirs != suite:
+        return str(current.version), None, theirs
     raw = current.tags.get(metric_tag(primary_metric))
     if raw is None:
         raise ValueError(f"{name} v{current.version} holds alias {alias!r} but has no tag "
                          f"{metric_tag(primary_metric)!r}; it was not registered with {primary_metric!r} and cannot "
                          "be compared. Move the alias by hand or pick a primary metric it has")
-    return str(current.version), float(raw)
+    return str(current.version), float(raw), theirs
 
 
 def _decide(value: float, incumbent: float | None, incumbent_version: str | None, metric: str,
-            higher_is_better: bool, alias: str) -> tuple[bool, str]:
-    if incumbent is None:
+            higher_is_better: bool, alias: str, suite: str | None = None,
+            incumbent_suite: str | None = None) -> tuple[bool, str]:
+    if incumbent_version is None:
         return True, f"first version for alias {alias!r}: no version held it"
+    if incumbent is None:  # held, but by a version evaluated on another suite
+        return False, (f"not compared: v{incumbent_version} (alias {alias!r}) was evaluated on suite "
+                       f"{(incumbent_suite or 'unrecorded')[:12]}, this version on {(suite or 'unrecorded')[:12]}; "
+                       "registered without moving the alias (evaluate both on one suite, or move it by hand)")
     better = value > incumbent if higher_is_better else value < incumbent
     word = "higher" if higher_is_better else "lower"
     if better:
@@ -132,13 +145,17 @@ def register_model(
     run_id: str | None = None,
     experiment: str = tracking.DEFAULT_EXPERIMENT,
     version_tags: Mapping[str, str] | None = None,
+    suite: str | None = None,
 ) -> RegistrationResult:
     """Register ``export_dir`` (an ``M2D2.save_pretrained`` directory, local or ``s3://``) as a new version of
     ``name`` and give it ``alias`` only if ``metrics[primary_metric]`` strictly beats the alias holder's.
 
     The directory is logged under ``model/`` of ``run_id`` (e.g. the evaluation run) or, without one, of a new
-    run in ``experiment`` that also records ``metrics``. Every check (metric present and finite, alias valid,
-    export complete, incumbent comparable) happens before anything is written.
+    run in ``experiment`` that also records ``metrics``. ``version_tags`` go onto the version besides the metric tags
+    (the pipeline names the model variant there). ``suite`` is the digest of the evaluation the metrics come from
+    (:func:`m2d2.eval.clap.suite_digest`): the alias holder is compared only if it was evaluated on the same one.
+    Every check (metric present and finite, alias valid, export complete, incumbent comparable) happens before
+    anything is written.
     """
     if not name:
         raise ValueError("a registered model needs a name")
@@ -154,7 +171,7 @@ def register_model(
         raise FileNotFoundError(f"{export}: no {EXPORT_MARKER}; not a complete M2D2 export")
 
     client = tracking.client()
-    incumbent_version, incumbent_value = _incumbent(client, name, alias, primary_metric)
+    incumbent_version, incumbent_value, incumbent_suite = _incumbent(client, name, alias, primary_metric, suite)
 
     from m2d2.models.model import EXPORT_FILES
 
@@ -180,11 +197,14 @@ def register_model(
     tags.update({k: str(v) for k, v in (version_tags or {}).items()})
     tags.update({PRIMARY_TAG: primary_metric, DIRECTION_TAG: str(higher_is_better).lower(),
                  EXPORT_TAG: redact_url(export)})
+    if suite is not None:
+        tags[SUITE_TAG] = suite
     _ensure_registered_model(client, name)
     version = str(client.create_model_version(name, f"runs:/{run_id}/{ARTIFACT_PATH}", run_id=run_id,
                                               tags=tags).version)
 
-    promoted, reason = _decide(value, incumbent_value, incumbent_version, primary_metric, higher_is_better, alias)
+    promoted, reason = _decide(value, incumbent_value, incumbent_version, primary_metric, higher_is_better, alias,
+                               suite, incumbent_suite)
     if promoted:
         client.set_registered_model_alias(name, alias, version)
     client.set_model_version_tag(name, version, STATUS_TAG, "promoted" if promoted else "not_promoted")

@@ -6,6 +6,8 @@ Model-facing but workflow-free: it takes log-mel clips and strings and returns a
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -81,6 +83,25 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, training in modes:
             module.training = training
+
+
+#: What the metrics of :func:`evaluate_clap` and the suite mean; bump it when that changes (metric definitions, prompt
+#: rule, chunking), so that versions scored before and after are never ranked against each other.
+EVAL_PROTOCOL = "m2d2-clap-eval/1"
+
+
+def suite_digest(data: ClapEvalSet) -> str:
+    """SHA-256 of everything an evaluation's numbers depend on besides the model: the protocol version, the prompt,
+    the classes, and every clip's log-mel bytes, label and captions. The registry ranks two versions only when their
+    digests match (:func:`m2d2.registry.register_model`): a model evaluated on a user's folder is never compared
+    with one evaluated on the demo corpus."""
+    digest = hashlib.sha256(json.dumps(
+        {"protocol": EVAL_PROTOCOL, "prompt": data.prompt_template, "classes": list(data.class_names),
+         "labels": list(data.labels), "captions": [list(c) for c in data.captions]}, sort_keys=True).encode())
+    for lms in data.lms:
+        digest.update(f"{tuple(lms.shape)}|{lms.dtype}|".encode())
+        digest.update(lms.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:

@@ -4,13 +4,14 @@ variant's suite and report."""
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from m2d2.data.features import LogMelStore
-from m2d2.eval.clap import ClapEvalSet, evaluate_clap
+from m2d2.eval.clap import EVAL_PROTOCOL, ClapEvalSet, evaluate_clap, suite_digest
 from m2d2.eval.metrics import mean_and_std
 from m2d2.models import M2D2
 from m2d2.pipeline import registry
@@ -18,6 +19,8 @@ from m2d2.pipeline.config import PROMPT_TEMPLATE, EvaluationSettings
 from m2d2.presets import model_config
 from m2d2.text.cache import CaptionEmbeddings
 from m2d2.tracking import StageRun
+
+SUITE_FILE = "suite.json"  # in the report directory: the evaluation's digest, which registration records
 
 
 def eval_set(feature_dir: str | Path, prompt_template: str = PROMPT_TEMPLATE) -> ClapEvalSet:
@@ -56,12 +59,13 @@ def evaluate_stages(
 
     results: dict[str, float] = {}
     models: dict[str, M2D2] = {}
+    memo = EncoderMemo()  # frozen encoders are shared along each line: encode the evaluation set once per encoder
     for stage in stages:
         prefix = stage.name
         if stage.evaluation == "tagging":
             _put(results, prefix, (stage_metrics or {}).get(stage.name, {}))
             continue
-        model = models[stage.name] = M2D2.from_pretrained(str(exports[stage.name]))
+        model = models[stage.name] = memo.attach(M2D2.from_pretrained(str(exports[stage.name])))
         if stage.trains_on == registry.CAPTIONS:
             cache.check_encoder(model.config.text.offline)
             _put(results, prefix, evaluate_clap(model, data, text_embedder=offline_text))
@@ -69,7 +73,7 @@ def evaluate_stages(
             _put(results, prefix, evaluate_clap(model, data))
     for name in dict.fromkeys(s.baseline for s in stages if s.evaluation == "clap" and s.baseline):
         _put(results, f"{name}_baseline",
-             _baseline(settings, registry.stage(name), models[name], exports, data, offline_text))
+             _baseline(settings, registry.stage(name), models[name], exports, data, offline_text, memo))
     results["num_classes"] = float(len(data.class_names))
     results["num_eval_clips"] = float(len(data.labels))
     for stage in stages:
@@ -77,36 +81,41 @@ def evaluate_stages(
             results[f"{stage.name}_zs_gain"] = (results[f"{stage.name}/zs_acc"]
                                                  - results[f"{stage.baseline}_baseline/zs_acc"])
     suites = []
+    suite = suite_digest(data)  # what the registry compares versions by
     if report_dir is not None:
         from m2d2.eval.suite import evaluate_suite
+
+        Path(report_dir).mkdir(parents=True, exist_ok=True)
+        (Path(report_dir) / SUITE_FILE).write_text(json.dumps({"digest": suite, "protocol": EVAL_PROTOCOL,
+                                                               "clips": len(data.labels)}))
 
         for name in settings.variants:
             variant = registry.variant(name)
             final = registry.stage(variant.final)
             embedder = offline_text if final.trains_on == registry.CAPTIONS else None
-            suite = evaluate_suite(models[final.name], data, Path(report_dir) / name, text_embedder=embedder,
-                                   title=f"{variant.title} ({name}): {final.title or final.name}")
-            _put(results, name, {k: v for k, v in suite.metrics.items()
+            result = evaluate_suite(models[final.name], data, Path(report_dir) / name, text_embedder=embedder,
+                                    title=f"{variant.title} ({name}): {final.title or final.name}")
+            _put(results, name, {k: v for k, v in result.metrics.items()
                                  if k.startswith(("probe_", "a2t_R50", "t2a_R50", "zs_"))})
-            suites.append((name, suite))
+            suites.append((name, result))
     run_id = None
     if parent_run_id:
         params = {"baseline_inits": settings.baseline_inits, "prompt_template": settings.prompt_template,
                   "variants": ",".join(settings.variants), **{s.name: str(exports[s.name]) for s in stages}}
-        with StageRun(parent_run_id, "evaluate", params=params) as run:
+        with StageRun(parent_run_id, "evaluate", params=params, tags={"m2d2.eval_suite": suite}) as run:
             run.log_metrics(results, step=0)
             run.log_dict(results, "metrics.json")
             run_id = run.run_id
             if run_id is not None:
                 from m2d2.eval.reports import log_report
 
-                for name, suite in suites:
-                    log_report(suite.report_dir, run_id, f"report/{name}")
+                for name, result in suites:
+                    log_report(result.report_dir, run_id, f"report/{name}")
     return results, run_id
 
 
-def _baseline(settings: EvaluationSettings, stage: registry.Stage, trained: M2D2, exports: dict[str, str], data: ClapEvalSet,
-              offline_text) -> dict[str, float]:
+def _baseline(settings: EvaluationSettings, stage: registry.Stage, trained: M2D2, exports: dict[str, str],
+              data: ClapEvalSet, offline_text, memo: EncoderMemo) -> dict[str, float]:
     """Mean and std over ``settings.baseline_inits`` seeds of the random-initialisation baseline of ``stage``."""
     baselines = []
     if stage.trains_on == registry.CAPTIONS:
@@ -116,9 +125,8 @@ def _baseline(settings: EvaluationSettings, stage: registry.Stage, trained: M2D2
         return mean_and_std(baselines)
     # Only the fresh projector differs between seeds: the frozen encoder and the untouched pretrained text encoder
     # are the same for every seed, so the text vectors are computed once and each seed re-draws the projector.
-    fresh = M2D2.from_pretrained(str(exports[stage.trains_on]))
+    fresh = memo.attach(M2D2.from_pretrained(str(exports[stage.trains_on])))
     fresh.start_stage2(model_config(settings.models[stage.name]).text.encoder)
-    _encode_each_input_once(fresh)
     texts = sorted({c for caps in data.captions for c in caps} | set(data.prompts()))
     with torch.inference_mode():
         raw = torch.cat([fresh.text_encoder(texts[i : i + 64]) for i in range(0, len(texts), 64)])
@@ -134,18 +142,54 @@ def _baseline(settings: EvaluationSettings, stage: registry.Stage, trained: M2D2
     return mean_and_std(baselines)
 
 
-def _encode_each_input_once(model: M2D2) -> None:
-    """Let ``model``'s frozen encoder encode each distinct input once: the baseline's seeds differ only in the
-    projector, so every seed would otherwise re-encode the whole evaluation set (the same tokens, recomputed)."""
-    encode, done = model.encoder.encode_chunks, {}
+class EncoderMemo:
+    """Encoder outputs shared by the models of one evaluation whose encoders hold the same weights (and each
+    model's caption embeddings, which its stage metrics and its suite both compute).
 
-    def encode_once(x: torch.Tensor) -> list[torch.Tensor]:
-        key = (tuple(x.shape), hashlib.blake2b(x.detach().cpu().numpy().tobytes(), digest_size=16).digest())
-        if key not in done:
-            done[key] = encode(x)
-        return done[key]
+    Stage 2 freezes the encoder it starts from, so M2D2⁻, M2D2 and M2D2⁺ (and stage 2's baseline) share stage 1's,
+    and the AS+ line shares stage 1.1's: without this, each model, baseline seed and suite would encode the whole
+    evaluation set again and get the same tokens. Outputs are keyed by the encoder's weights and the exact input, so
+    a hit returns what the call would have computed; the memo stops storing at ``budget_bytes`` (a paper-size
+    evaluation set would not fit in memory) and then only computes.
+    """
 
-    model.encoder.encode_chunks = encode_once
+    def __init__(self, budget_bytes: int = 2 << 30):
+        self.budget, self.used, self.done = budget_bytes, 0, {}
+
+    def attach(self, model: M2D2) -> M2D2:
+        encoder = model.encoder
+        weights = hashlib.blake2b(digest_size=16)
+        for name, tensor in encoder.state_dict().items():
+            weights.update(name.encode())
+            weights.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        fingerprint, encode = weights.digest(), encoder.encode_chunks
+
+        def encode_once(x: torch.Tensor) -> list[torch.Tensor]:
+            key = (fingerprint, tuple(x.shape), str(x.dtype),
+                   hashlib.blake2b(x.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest())
+            hit = self.done.get(key)
+            if hit is not None:
+                return hit
+            out = encode(x)
+            size = sum(t.numel() * t.element_size() for t in out)
+            if self.used + size <= self.budget:
+                self.done[key], self.used = out, self.used + size
+            return out
+
+        encoder.encode_chunks = encode_once
+        texts_done: dict[tuple[str, ...], torch.Tensor] = {}
+        encode_text = model.encode_clap_text
+
+        def encode_text_once(text):  # the stage's metrics and its variant's suite embed the same captions
+            if isinstance(text, (torch.Tensor, str)):
+                return encode_text(text)
+            key = tuple(text)
+            if key not in texts_done:
+                texts_done[key] = encode_text(text)
+            return texts_done[key]
+
+        model.encode_clap_text = encode_text_once
+        return model
 
 
 def _put(results: dict[str, float], prefix: str, metrics: dict[str, float]) -> None:

@@ -2,10 +2,10 @@
 
 :func:`run` executes the whole DAG (corpus -> features + caption vectors -> the stages of
 :data:`~m2d2.pipeline.registry.STAGES` that the configured model variants need -> evaluation -> one registered
-model per variant -> summary) with the same step directories and outputs as ``workflows/full.py``. Each step records what it produced (``step.json``) next to its outputs, so
-running again with the same inputs reuses them — and their MLflow runs — instead of recomputing: the same
-"cache hit" a Flyte execution sees, and one that can never outlive the files it points at, since the record lives
-with them.
+model per variant -> summary) with the same step directories and outputs as ``workflows/full.py``. Each step
+records what it produced (``step.json``) next to its outputs, so running again with the same inputs reuses them —
+and their MLflow runs — instead of recomputing: the same "cache hit" a Flyte execution sees, and one that can never
+outlive the files it points at, since the record lives with them.
 """
 
 from __future__ import annotations
@@ -197,8 +197,8 @@ def _reuse_or_run(directory: Path, must_exist: tuple[str, ...], make) -> StepOut
 # ------------------------------------------------------------------------------------------------ evaluation
 def evaluate_step(settings: EvaluationSettings, data_root: str, features: StepOutput, captions: StepOutput,
                   stages: dict[str, StepOutput], parent_run_id: str | None) -> tuple[StepOutput, Path]:
-    """Every trained stage's metrics against its baseline, and each variant's full suite and report (``report/<variant>``);
-    reused when nothing changed."""
+    """Every trained stage's metrics against its baseline, and each variant's full suite and report
+    (``report/<variant>``); reused when nothing changed."""
     from m2d2.pipeline.evaluation import evaluate_stages
 
     trained = registry.needed_stages(settings.variants)
@@ -246,10 +246,13 @@ def register_step(settings: RegistrationSettings, data_root: str, stages: dict[s
     """Register each variant's export as a version of its own registered model
     (:func:`m2d2.pipeline.registry.registered_name`), once per (export, scores): re-running an unchanged pipeline
     adds no version. Each variant gets an MLflow run under its name (its metrics, its export) that the version
-    points at."""
+    points at. Versions record the evaluation's suite digest: a champion evaluated on other data is not compared."""
+    from m2d2.pipeline.evaluation import SUITE_FILE
     from m2d2.registry import register_model
     from m2d2.tracking import StageRun
 
+    suite_file = Path(evaluation.path) / SUITE_FILE
+    suite = json.loads(suite_file.read_text())["digest"] if suite_file.is_file() else None
     out: dict[str, Registration] = {}
     for name in settings.variants:
         variant = registry.variant(name)
@@ -270,7 +273,7 @@ def register_step(settings: RegistrationSettings, data_root: str, stages: dict[s
                 run.log_metrics(metrics, step=0)
                 run_id = run.run_id
         result = register_model(final.path, model_name, metrics, settings.primary_metric, run_id=run_id,
-                                version_tags=tags)
+                                version_tags=tags, suite=suite)
         out[name] = Registration(model_uri=result.model_uri, version=str(result.version), promoted=result.promoted,
                                  reason=result.reason, variant=name, mlflow_run_id=result.run_id)
         io.atomic_write_bytes(record, json.dumps(dataclasses.asdict(out[name])).encode())

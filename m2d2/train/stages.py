@@ -89,7 +89,8 @@ def run_stage1(cfg: TrainStageConfig, feature_dir: str, caption_cache: str, out_
     model = M2D2(model_cfg)
     model.set_stage("stage1")
     store = LogMelStore(feature_dir, "train")
-    dataset = CropDataset(store, _crop(cfg, model), captions, seed=cfg.seed, subset=_subset(cfg, store, name or cfg.stage))
+    dataset = CropDataset(store, _crop(cfg, model), captions, seed=cfg.seed,
+                          subset=_subset(cfg, store, name or cfg.stage))
     return _run(cfg, ClapObjective(model), dataset, out_dir, parent_run_id, checkpoint_root,
                 inputs={"features": feature_dir, "captions": caption_cache}, name=name)
 

@@ -94,6 +94,44 @@ def test_lower_is_better_and_a_second_alias(client, tmp_path, request):
         client.get_model_version_by_alias(name, "champion")
 
 
+def test_a_champion_evaluated_on_another_suite_is_not_compared(client, tmp_path, request):
+    """A version evaluated on other data (another suite digest) is registered but never ranked against the champion,
+    however good its number; one on the champion's suite is compared as usual."""
+    from m2d2.registry import SUITE_TAG
+
+    name = request.node.name
+    export = _export(tmp_path / "m", "m")
+    assert register_model(export, name, {"zs_acc": 0.40}, "zs_acc", suite="demo-suite").promoted
+    other = register_model(export, name, {"zs_acc": 0.95}, "zs_acc", suite="folder-suite")
+    assert not other.promoted and other.incumbent_version == "1" and other.incumbent_value is None
+    assert other.reason.startswith("not compared: v1 (alias 'champion') was evaluated on suite demo-suite, this "
+                                   "version on folder-suite")
+    assert _version(client, name, "2").tags[SUITE_TAG] == "folder-suite"
+    assert _version(client, name, "2").tags[REASON_TAG] == other.reason
+    assert not register_model(export, name, {"zs_acc": 0.95}, "zs_acc").promoted  # no digest: not the same suite
+    same = register_model(export, name, {"zs_acc": 0.41}, "zs_acc", suite="demo-suite")
+    assert same.promoted and same.incumbent_value == 0.40
+    assert str(client.get_model_version_by_alias(name, "champion").version) == same.version
+
+
+def test_the_suite_digest_follows_the_evaluation_data_and_protocol():
+    import torch
+
+    from m2d2.eval.clap import ClapEvalSet, suite_digest
+
+    def data(**changes):
+        fields = {"lms": [torch.zeros(80, 30), torch.ones(80, 20)], "labels": ["a", "b"],
+                  "captions": [["an a"], []], "class_names": ["a", "b"]}
+        return ClapEvalSet(**{**fields, **changes})
+
+    base = suite_digest(data())
+    assert base == suite_digest(data()) and len(base) == 64
+    assert suite_digest(data(lms=[torch.zeros(80, 30), torch.ones(80, 21)])) != base  # other audio
+    assert suite_digest(data(labels=["b", "a"])) != base
+    assert suite_digest(data(captions=[["an a"], ["a b"]])) != base
+    assert suite_digest(data(prompt_template="the sound of {}")) != base
+
+
 def test_given_run_receives_the_export(client, tmp_path, request):
     name = request.node.name
     experiment = client.create_experiment(name)
