@@ -192,7 +192,7 @@ class StepSettings:
     registration: RegistrationSettings
     views: dict[str, ViewSettings] = field(default_factory=dict)  # every training stage's, by stage name
     # Every registered stage: whether it trains in this execution (a listed variant needs it). A Flyte workflow's
-    # shape is fixed at registration, so the tasks of the others run and pass their input through at once.
+    # shape is fixed at registration, so the tasks of the others still run, and return at once (skipped).
     trains: dict[str, bool] = field(default_factory=dict)
 
 
