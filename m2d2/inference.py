@@ -241,20 +241,9 @@ class Embedder(torch.nn.Module):
 
     # ------------------------------------------------------------------ log-mel entry points (eval sets)
     @torch.inference_mode()
-    def clip_features_lms(self, lms: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Clip features ``[N, F*D]`` of raw (un-normalised) log-mels ``[n_mels, T]``, one clip at a time."""
-        return torch.stack([
-            self.model.encode_frames_lms(x[None].to(self.device)).mean(dim=1)[0].float().cpu() for x in lms
-        ])
-
-    @torch.inference_mode()
-    def clap_audio_lms(self, lms: Sequence[torch.Tensor]) -> torch.Tensor:
-        """CLAP audio embeddings ``[N, D_clap]`` of raw log-mels ``[n_mels, T]``, one clip at a time."""
-        return torch.stack([self.model.encode_clap_audio_lms(x[None].to(self.device))[0].float().cpu() for x in lms])
-
-    @torch.inference_mode()
     def clip_and_clap_audio_lms(self, lms: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`clip_features_lms` and :meth:`clap_audio_lms` of the same clips from one encoder pass each."""
+        """Clip features ``[N, F*D]`` and CLAP audio embeddings ``[N, D_clap]`` of raw (un-normalised) log-mels
+        ``[n_mels, T]``, one clip at a time, from one encoder pass each."""
         clips, audio = [], []
         for x in lms:
             frames, clap = self.model.encode_frames_and_clap_audio_lms(x[None].to(self.device))

@@ -9,7 +9,8 @@ better; the very first version takes it. Either way the version carries ``m2d2.p
 Metrics are compared only with the incumbent's own tag, never recomputed, and only when both versions were
 evaluated on the same suite: a version records the digest of its evaluation (``m2d2.eval_suite``: protocol, prompt
 and evaluation data), and one evaluated on another suite is registered but not compared — the alias stays, and the
-version says why. An incumbent without the primary metric's tag is an error, not a silent promotion. Registry stages are deprecated since MLflow 2.9; aliases are the supported mechanism.
+version says why. An incumbent without the primary metric's tag is an error, not a silent promotion. Registry
+stages are deprecated since MLflow 2.9; aliases are the supported mechanism.
 
 Reading the incumbent and moving the alias are two requests, not a transaction: run the registrations of one
 model name one at a time (one Flyte task per pipeline execution does). Uses ``MlflowClient`` with explicit

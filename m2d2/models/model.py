@@ -280,15 +280,16 @@ class M2D2(nn.Module):
         return self.encode_frames_lms(self.to_log_mel(wave))
 
     def encode_frames_lms(self, lms: torch.Tensor) -> torch.Tensor:
-        chunks = self.encoder.encode_chunks(self.normalize(lms))
+        return self._frames(self.encoder.encode_chunks(self.normalize(lms)))
+
+    def _frames(self, chunks: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat([self.encoder.tokens_to_frames(c) for c in chunks], dim=1)
 
     def encode_frames_and_clap_audio_lms(self, lms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`encode_frames_lms` and :meth:`encode_clap_audio_lms` from one encoder pass (an evaluation needs
         both of every clip; the same numbers as the two calls)."""
         chunks = self.encoder.encode_chunks(self.normalize(lms))
-        frames = torch.cat([self.encoder.tokens_to_frames(c) for c in chunks], dim=1)
-        return frames, self.audio_proj(torch.cat(chunks, dim=1))
+        return self._frames(chunks), self.audio_proj(torch.cat(chunks, dim=1))
 
     def encode_clip(self, wave: torch.Tensor) -> torch.Tensor:
         """Clip-level features ``[B, F*D]``: the time mean of :meth:`encode_frames`."""

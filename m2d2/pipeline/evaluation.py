@@ -88,7 +88,6 @@ def evaluate_stages(
         Path(report_dir).mkdir(parents=True, exist_ok=True)
         (Path(report_dir) / SUITE_FILE).write_text(json.dumps({"digest": suite, "protocol": EVAL_PROTOCOL,
                                                                "clips": len(data.labels)}))
-
         for name in settings.variants:
             variant = registry.variant(name)
             final = registry.stage(variant.final)

@@ -64,9 +64,10 @@ def _crop(cfg: TrainStageConfig, model: M2D2, chunked: bool = False) -> int:
     return crop
 
 
-def _subset(cfg: TrainStageConfig, store: LogMelStore, name: str) -> list[int]:
+def _subset(cfg: TrainStageConfig, store: LogMelStore, name: str | None) -> list[int]:
     """The stage's view of the store's training clips (:func:`m2d2.data.views.resolve_view`): its sources and
     caption count, minus recordings it must not see. The pipeline checked it before any stage started."""
+    name = name or cfg.stage
     view = resolve_view(store.uri, name, ViewRule.of(cfg.data, cfg.data.min_clips), cfg.schedule.global_batch,
                         cfg.data.samples_per_epoch)
     log.info("%s: training view of %d / %d clips (%s; %d removed as overlapping)", name, len(view.clips),
@@ -89,8 +90,7 @@ def run_stage1(cfg: TrainStageConfig, feature_dir: str, caption_cache: str, out_
     model = M2D2(model_cfg)
     model.set_stage("stage1")
     store = LogMelStore(feature_dir, "train")
-    dataset = CropDataset(store, _crop(cfg, model), captions, seed=cfg.seed,
-                          subset=_subset(cfg, store, name or cfg.stage))
+    dataset = CropDataset(store, _crop(cfg, model), captions, seed=cfg.seed, subset=_subset(cfg, store, name))
     return _run(cfg, ClapObjective(model), dataset, out_dir, parent_run_id, checkpoint_root,
                 inputs={"features": feature_dir, "captions": caption_cache}, name=name)
 
@@ -110,7 +110,7 @@ def run_stage1_1(cfg: TrainStageConfig, feature_dir: str, stage1_export: str, ou
     if cfg.data.crop_frames is not None:
         expand_encoder_frames(base.encoder, cfg.data.crop_frames)
     store = LogMelStore(feature_dir, "train")
-    subset = _subset(cfg, store, name or cfg.stage)
+    subset = _subset(cfg, store, name)
     classes = sorted({label for i in (subset or range(len(store))) for label in store.labels[i]})
     if not classes:
         raise ValueError(f"{feature_dir}: the training clips carry no labels; stage 1.1 needs labelled clips")
@@ -188,7 +188,7 @@ def _run_clap(cfg: TrainStageConfig, model: M2D2, feature_dir: str, out_dir: str
               checkpoint_root: str | None, inputs: dict[str, str], name: str | None) -> StageOutput:
     store = LogMelStore(feature_dir, "train")
     dataset = CropDataset(store, _crop(cfg, model, chunked=True), captions=None, seed=cfg.seed,
-                          subset=_subset(cfg, store, name or cfg.stage))
+                          subset=_subset(cfg, store, name))
     objective = ClapObjective(model, mask_ratio=cfg.augment.mask_ratio)  # None: the model's stage2_mask_ratio
     return _run(cfg, objective, dataset, out_dir, parent_run_id, checkpoint_root, inputs=inputs, name=name)
 
