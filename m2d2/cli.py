@@ -1,5 +1,5 @@
-"""``m2d2`` command line: embed audio files, zero-shot classify them, search a folder by text, show the last
-pipeline summary or the effective configuration, import reference checkpoints."""
+"""``m2d2`` command line: embed audio files, zero-shot classify them, search a folder by text, evaluate models on
+downstream tasks, show the last pipeline summary or the effective configuration, import reference checkpoints."""
 
 from __future__ import annotations
 
@@ -142,6 +142,63 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
         ranked = ", ".join(f"{labels[i]} ({scores[i]:.3f})" for i in best.tolist())
         print(f"{path}: {ranked}")
     return 1 if failed else 0
+
+
+def _eval_model(spec: str):
+    """``[NAME=]DIR`` -> an EvalModel: a tagging export (stage 1.1: ``classifier/`` beside it) is scored by tagging
+    and linear evaluation; any other export by linear evaluation, zero-shot and retrieval."""
+    from m2d2 import io
+    from m2d2.eval.benchmark import EvalModel
+    from m2d2.eval.tagging import load_tagger
+    from m2d2.inference import load_pretrained
+    from m2d2.models.tagger import CLASSES_FILE, CLASSIFIER_DIR
+
+    name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+    parts = [p for p in path.rstrip("/").split("/") if p]
+    name = name or (parts[-2] if len(parts) > 1 and parts[-1] in ("model", "export") else parts[-1])
+    classifier = io.join(path.rstrip("/").rsplit("/", 1)[0], CLASSIFIER_DIR, CLASSES_FILE) if "/" in path else ""
+    if classifier and io.exists(classifier):
+        base, tagger, classes = load_tagger(path)
+        return EvalModel(name, base, clap=False, tagger=(tagger, classes))
+    return EvalModel(name, load_pretrained(path))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from m2d2.eval.benchmark import BenchmarkSettings, parse_task, run_benchmark, task_digest
+    from m2d2.eval.tasks import TASKS, TaskFormatError
+
+    if args.list:
+        for task in TASKS.values():
+            print(f"{task.name:10s} {task.title:38s} {','.join(task.protocols):22s} {task.duration_s:g} s  "
+                  f"{task.layout}")
+        return 0
+    if not args.model or not args.tasks:
+        print("m2d2 evaluate: give --model and --tasks (m2d2 evaluate --list shows the tasks)", file=sys.stderr)
+        return 2
+    try:
+        tasks = []
+        for spec in [t.strip() for t in args.tasks.split(",") if t.strip()]:
+            task, root = parse_task(spec, args.data_root)
+            tasks.append((task, task.read(root)))
+    except (TaskFormatError, KeyError, ValueError, FileNotFoundError) as exc:
+        print(f"m2d2 evaluate: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
+        return 2
+    models = [_eval_model(spec) for spec in args.model]
+    out = Path(args.out)
+    settings = BenchmarkSettings(linear_runs=args.linear_runs, max_clips=args.max_clips)
+    result = run_benchmark(models, tasks, settings, cache_dir=args.cache or out / "features")
+    result.write(out)
+    digests = {task.name: task_digest(task, data) for task, data in tasks}
+    (out / "suite.json").write_text(json.dumps({"tasks": digests, "models": [m.name for m in models]}, indent=2))
+    print(result.markdown())
+    for task, data in tasks:
+        excluded = ", ".join(f"{n} {why}" for why, n in data.excluded.items())
+        skipped = {k: v for r in result.results if r.task == task.name for k, v in r.skipped.items()}
+        print(f"{task.name}: {result.task_seconds.get(task.name, 0.0):.1f} s"
+              + (f"; excluded by its split: {excluded}" if excluded else "")
+              + (f"; undecodable clips skipped: {skipped}" if skipped else ""))
+    print(f"Table: {out / 'suite_table.md'} (also .csv, .html); results: {out / 'suite_results.json'}")
+    return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -336,6 +393,23 @@ def main(argv: list[str] | None = None) -> int:
     _add_decode_limits(search)
     _add_model_options(search)
     search.set_defaults(func=cmd_search)
+    evaluate = sub.add_parser("evaluate", help="score exported models on downstream tasks (the paper's or a folder)")
+    evaluate.add_argument("--model", action="append", metavar="[NAME=]DIR",
+                          help="an exported model directory (repeatable; a column each). A stage-1.1 export "
+                               "(classifier/ beside it) is scored by tagging and linear evaluation")
+    evaluate.add_argument("--tasks", help="comma-separated task names (m2d2 evaluate --list), or NAME=FOLDER for "
+                                          "a folder with a labels.csv (file_name, label, split or fold)")
+    evaluate.add_argument("--data-root", default="", help="folder (local or s3://) holding each task's dataset "
+                                                          "in a sub-folder named after it, in its published layout")
+    evaluate.add_argument("--out", default="report", help="where the table and results go (default ./report)")
+    evaluate.add_argument("--cache", help="feature cache, reused across runs (default OUT/features)")
+    evaluate.add_argument("--linear-runs", type=int, default=1,
+                          help="linear-evaluation seeds averaged on tasks with a fixed split (default 1)")
+    evaluate.add_argument("--max-clips", type=int, default=0,
+                          help="keep the first N clips of each split (a quick look, not the paper's protocol)")
+    evaluate.add_argument("--list", action="store_true", help="list the registered tasks and exit")
+    _add_model_options(evaluate)
+    evaluate.set_defaults(func=cmd_evaluate)
     run = sub.add_parser("run", help="run the whole pipeline in this process (no Flyte): corpus to registered model")
     run.add_argument("--preset", choices=["demo", "smoke", "paper"], help="named preset (default demo)")
     run.add_argument("--cfg", help="JSON/YAML PipelineConfig; its keys overlay the preset")

@@ -148,3 +148,20 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     env.update(extra)
     return env
+
+
+def write_tone_folder(root: Path, per_class: int = 4, folds: bool = False) -> Path:
+    """A custom evaluation task on disk: 3 pitches x ``per_class`` sine tones (0.4 s and up) and ``labels.csv``
+    (file_name, label, caption, and a fold column when ``folds``; else the reader deals stratified folds)."""
+    import numpy as np
+    import soundfile as sf
+
+    root.mkdir(parents=True, exist_ok=True)
+    rows = ["file_name,label,caption" + (",fold" if folds else "")]
+    for name, hz in [("low", 220.0), ("mid", 660.0), ("high", 1980.0)]:
+        for j in range(per_class):
+            t = np.arange(int(16000 * (0.4 + 0.15 * j))) / 16000
+            sf.write(root / f"{name}{j}.wav", (0.3 * np.sin(2 * np.pi * hz * t)).astype(np.float32), 16000)
+            rows.append(f"{name}{j}.wav,{name},a {name} tone number {j}" + (f",{j % 2 + 1}" if folds else ""))
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root

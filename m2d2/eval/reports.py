@@ -39,6 +39,7 @@ __all__ = [
     "plot_confusion",
     "plot_tsne",
     "projector_attention",
+    "add_section",
     "report_html",
     "tsne_embedding",
 ]
@@ -334,6 +335,15 @@ def _render(title: str, tables: Sequence[_Table], figures: Sequence[ReportFigure
                      f"<figcaption>{e(fig.caption)} ({e(fig.path.name)})</figcaption></figure>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def add_section(report_dir: str | Path, section_html: str) -> None:
+    """Insert a ready-made HTML section (e.g. the suite table) at the end of an existing report."""
+    path = Path(report_dir) / REPORT_FILE
+    text = path.read_text()
+    if "</body>" not in text:
+        raise ValueError(f"{path} is not a report written by build_report")
+    path.write_text(text.replace("</body>", section_html + "</body>", 1))
 
 
 def report_html(report_dir: str | Path) -> str:

@@ -7,21 +7,31 @@ patch) and its chunk logits averaged, so every encoded frame counts once and no 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import torch
+from safetensors.torch import load as load_safetensors
 
+from m2d2 import io
 from m2d2.data.features import LogMelStore
 from m2d2.eval.metrics import mean_average_precision
+from m2d2.models import M2D2
 from m2d2.models.chunks import split_chunks
-from m2d2.models.tagger import FineTuneModel
+from m2d2.models.tagger import CLASSES_FILE, CLASSIFIER_DIR, HEAD_FILE, FineTuneModel
 
 
 @torch.no_grad()
 def clip_logits(model: FineTuneModel, store: LogMelStore, clips: Sequence[int] | None = None,
                 batch_size: int = 32) -> torch.Tensor:
-    """``[N, C]`` chunk-averaged logits of ``clips`` (default: all) with the model in eval mode."""
+    """``[N, C]`` chunk-averaged logits of ``clips`` (default: all) of a feature store, in eval mode."""
     clips = list(range(len(store))) if clips is None else list(clips)
+    return chunked_logits(model, [torch.from_numpy(store[clip]) for clip in clips], batch_size)
+
+
+@torch.no_grad()
+def chunked_logits(model: FineTuneModel, lms: Sequence[torch.Tensor], batch_size: int = 32) -> torch.Tensor:
+    """``[N, C]`` chunk-averaged logits of raw log-mels ``[n_mels, T]`` of any length, with the model in eval mode."""
     crop, patch = model.max_frames, model.encoder.patch_frames
     device = next(model.parameters()).device
     was_training = model.training
@@ -30,13 +40,13 @@ def clip_logits(model: FineTuneModel, store: LogMelStore, clips: Sequence[int] |
         # Chunks trimmed to their whole patches (all the encoder reads) and batched by length: one length a batch.
         # They stay on the CPU (an eval set need not fit the accelerator); each batch moves on its own.
         by_length: dict[int, list[tuple[int, torch.Tensor]]] = {}
-        for row, clip in enumerate(clips):
-            x = model.normalize(torch.from_numpy(store[clip]).to(device)).cpu()
+        for row, clip in enumerate(lms):
+            x = model.normalize(clip.to(device)).cpu()
             for chunk in split_chunks(x, crop, patch):
                 used = chunk.shape[-1] // patch * patch
                 by_length.setdefault(used, []).append((row, chunk[..., :used]))
-        sums = torch.zeros(len(clips), model.head.linear.out_features, dtype=torch.float64)
-        counts = torch.zeros(len(clips), 1, dtype=torch.float64)
+        sums = torch.zeros(len(lms), model.head.linear.out_features, dtype=torch.float64)
+        counts = torch.zeros(len(lms), 1, dtype=torch.float64)
         for group in by_length.values():
             for i in range(0, len(group), batch_size):
                 part = group[i : i + batch_size]
@@ -47,6 +57,19 @@ def clip_logits(model: FineTuneModel, store: LogMelStore, clips: Sequence[int] |
         return (sums / counts).float()
     finally:
         model.train(was_training)
+
+
+def load_tagger(export_uri: str, map_location: str | torch.device = "cpu"):
+    """A stage-1.1 export as ``(M2D2 base, FineTuneModel, class names)``: the export's encoder with the
+    ``classifier/`` head saved beside it (``head.safetensors``, ``classes.json``), ready for :func:`chunked_logits`."""
+    classifier = io.join(export_uri.rstrip("/").rsplit("/", 1)[0], CLASSIFIER_DIR)
+    if not io.exists(io.join(classifier, CLASSES_FILE)):
+        raise FileNotFoundError(f"{export_uri} is not a tagging export: no {classifier}/{CLASSES_FILE} beside it")
+    classes = json.loads(io.read_bytes(io.join(classifier, CLASSES_FILE)))["classes"]
+    base = M2D2.from_pretrained(export_uri, map_location=map_location)
+    tagger = FineTuneModel(base.encoder, base.norm_stats, len(classes))
+    tagger.head.load_state_dict(load_safetensors(io.read_bytes(io.join(classifier, HEAD_FILE))))
+    return base, tagger.eval(), classes
 
 
 def evaluate_tagging(model: FineTuneModel, store: LogMelStore, classes: Sequence[str],

@@ -1,11 +1,13 @@
-"""The one rule for cutting a clip of any length into encoder chunks (inference, reports and tagging share it).
+"""The one rule for cutting a clip of any length into encoder chunks (inference, reports, tagging and stage-2
+training share it).
 
-As the reference runtime does, a clip is encoded as non-overlapping chunks of the encoder's trained length
-(``input_frames``: 608, or 1001 of which 62 whole patches = 992 frames are encoded), never interpolated. The
-tail rule: the clip is first right-padded to a whole number of patches with the normalised mean (0 after
-normalisation); the last chunk is kept when it holds at least one patch and dropped otherwise (only possible when
-``input_frames`` is not a multiple of the patch, e.g. 1001 + 5 frames: 7 padded frames after the first chunk).
-Each chunk encodes its whole patches, so a chunk's frames past its last whole patch are never seen.
+As the reference runtime does (``m2d/runtime_audio.py``, ``encode_lms``), a clip is encoded as non-overlapping
+chunks of the encoder's trained length (``input_frames``: 608, or 1001 of which 62 whole patches = 992 frames are
+encoded), never interpolated. The tail rule is the reference's: the clip is right-padded with the normalised mean
+(0 after normalisation) so that the frames past the last full chunk (``T mod input_frames``) become a whole number
+of patches; that last, shorter chunk is encoded with the first columns of the positional table. Each chunk encodes
+its whole patches, so a full 1001-frame chunk's last 9 frames are never seen (the reference drops them too), while
+a tail of even one frame is kept as one padded patch.
 """
 
 from __future__ import annotations
@@ -19,16 +21,21 @@ def chunk_spans(num_frames: int, chunk_frames: int, patch_frames: int) -> list[t
     """``[start, stop)`` of every chunk of a clip of ``num_frames`` log-mel frames, over the patch-padded clip."""
     if num_frames < 1:
         raise ValueError(f"need at least one log-mel frame, got {num_frames}")
-    padded = -(-num_frames // patch_frames) * patch_frames
-    spans = [(start, min(start + chunk_frames, padded)) for start in range(0, padded, chunk_frames)]
-    return [(start, stop) for start, stop in spans if stop - start >= patch_frames]
+    padded = _padded(num_frames, chunk_frames, patch_frames)
+    return [(start, min(start + chunk_frames, padded)) for start in range(0, padded, chunk_frames)]
+
+
+def _padded(num_frames: int, chunk_frames: int, patch_frames: int) -> int:
+    """Frames after padding the tail past the last full chunk to whole patches. A tail whose padding would outgrow
+    a chunk (only when ``chunk_frames`` is not a multiple of the patch) is a full chunk: padded to its length."""
+    tail = num_frames % chunk_frames
+    return num_frames - tail + min(-(-tail // patch_frames) * patch_frames, chunk_frames)
 
 
 def split_chunks(x: torch.Tensor, chunk_frames: int, patch_frames: int) -> list[torch.Tensor]:
     """The chunks of **normalised** log-mel ``x`` ``[..., T]`` (views of one zero-padded copy), per :func:`chunk_spans`."""
     spans = chunk_spans(x.shape[-1], chunk_frames, patch_frames)
-    padded = -(-x.shape[-1] // patch_frames) * patch_frames
-    x = F.pad(x, (0, padded - x.shape[-1]))
+    x = F.pad(x, (0, _padded(x.shape[-1], chunk_frames, patch_frames) - x.shape[-1]))
     return [x[..., start:stop] for start, stop in spans]
 
 

@@ -24,6 +24,10 @@ from m2d2.models.encoder import AudioEncoder
 from m2d2.models.masking import random_structured_mask
 from m2d2.models.pos_embed import truncate_time
 
+# A stage-1.1 export: the M2D2 model directory and, beside it, the classifier head and its class names.
+CLASSIFIER_DIR = "classifier"
+CLASSES_FILE = "classes.json"  # {"classes": [...], "activation": "sigmoid"}; written last, the head's marker
+HEAD_FILE = "head.safetensors"  # ClassifierHead state (Linear + BatchNorm running statistics)
 
 def generator_device(generator: torch.Generator | None, fallback: torch.device) -> torch.device:
     """Random draws must be made on the generator's device; without one, on the data's device."""

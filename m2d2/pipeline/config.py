@@ -50,7 +50,17 @@ class PipelineConfig:
     # Prefix of the MLflow registered models, one per variant: the variant's name with "m2d2" replaced by it
     # (m2d2-minus, m2d2, m2d2-plus, m2d2-as-plus for the default).
     registered_model: str = "m2d2"
-    primary_metric: str = "zs_acc"  # a model's "champion" alias moves only when this metric of it beats the incumbent
+    # A model's "champion" alias moves only when this metric of it beats the incumbent's (evaluated on the same
+    # suite): "zs_acc" (zero-shot on this execution's eval split), "suite_mean" (the mean of every suite task's
+    # headline figure), or any "<task>/<metric>" of the suite table, e.g. "esc50/probe_acc".
+    primary_metric: str = "zs_acc"
+    # The evaluation suite: "corpus" (this execution's evaluation split: zero-shot, retrieval and linear evaluation
+    # against the random-initialisation baselines, with each model's HTML report) and downstream tasks of
+    # m2d2.eval.tasks.TASKS (esc50, us8k, ..., read from <tasks_root>/<task>), or NAME=FOLDER for any folder with
+    # a labels.csv (docs/evaluation.md).
+    suite: list[str] = field(default_factory=lambda: ["corpus"])
+    tasks_root: str = ""  # where the downstream tasks' datasets are (local or s3://); needed when suite lists one
+    linear_runs: int = 1  # linear-evaluation seeds averaged on tasks with a fixed train/valid/test split
     prompt_template: str = PROMPT_TEMPLATE
     norm_samples: int = 5000
     # Waveforms shorter than this are zero-padded (silence) before the log-mel, for training crops and the
@@ -95,9 +105,15 @@ class PipelineConfig:
         if len(set(self.variants)) != len(self.variants):
             raise ValueError(f"variants: {self.variants} names a model twice")
         self.variants = [name for name in registry.VARIANT_NAMES if name in self.variants]  # family order
-        if "/" in self.primary_metric:
-            raise ValueError(f"primary_metric={self.primary_metric!r}: name a metric of each model (e.g. 'zs_acc'), "
-                             "not of a stage; every variant is compared with its own champion")
+        if self.primary_metric.count("/") > 1 or self.primary_metric.startswith("stage"):
+            raise ValueError(f"primary_metric={self.primary_metric!r}: name a metric of each model (e.g. 'zs_acc', "
+                             "'suite_mean' or 'esc50/probe_acc'), not of a stage; every variant is compared with "
+                             "its own champion")
+        from m2d2.eval.benchmark import check_suite
+
+        check_suite(self.suite, self.tasks_root)
+        if self.linear_runs < 1:
+            raise ValueError(f"linear_runs={self.linear_runs}: must be >= 1")
         names = [s.name for s in registry.STAGES]
         for name in self.stages:
             if name not in names:
@@ -157,6 +173,9 @@ class EvaluationSettings:
     prompt_template: str
     models: dict[str, str] = field(default_factory=dict)
     variants: list[str] = field(default_factory=lambda: list(registry.VARIANT_NAMES))
+    suite: list[str] = field(default_factory=lambda: ["corpus"])
+    tasks_root: str = ""
+    linear_runs: int = 1
 
 
 @dataclass
@@ -211,7 +230,8 @@ def step_settings(cfg: PipelineConfig) -> StepSettings:
         evaluation=EvaluationSettings(baseline_inits=cfg.baseline_inits, prompt_template=cfg.prompt_template,
                                       models={name: section.model for name, section in cfg.stages.items()
                                               if name in training},
-                                      variants=list(cfg.variants)),
+                                      variants=list(cfg.variants), suite=list(cfg.suite), tasks_root=cfg.tasks_root,
+                                      linear_runs=cfg.linear_runs),
         registration=RegistrationSettings(registered_model=cfg.registered_model, primary_metric=cfg.primary_metric,
                                           variants=list(cfg.variants)),
         views={name: ViewSettings(sources=list(section.data.sources),

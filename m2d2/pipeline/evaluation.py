@@ -5,14 +5,29 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from m2d2.data.features import LogMelStore
+from m2d2.eval.benchmark import (
+    BENCHMARK_PROTOCOL,
+    CORPUS,
+    BenchmarkResult,
+    BenchmarkSettings,
+    EvalModel,
+    TaskResult,
+    headline,
+    parse_task,
+    run_benchmark,
+    task_digest,
+)
 from m2d2.eval.clap import EVAL_PROTOCOL, ClapEvalSet, evaluate_clap, suite_digest
 from m2d2.eval.metrics import mean_and_std
+from m2d2.eval.reports import add_section
 from m2d2.models import M2D2
 from m2d2.pipeline import registry
 from m2d2.pipeline.config import PROMPT_TEMPLATE, EvaluationSettings
@@ -38,6 +53,7 @@ def evaluate_stages(
     parent_run_id: str | None = None,
     stage_metrics: dict[str, dict[str, float]] | None = None,
     report_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
 ) -> tuple[dict[str, float], str | None]:
     """Every trained stage's model scored as the registry says: CLAP stages by zero-shot and retrieval against
     their random-initialisation baseline, tagging stages by the metrics they measured themselves (``stage_metrics``).
@@ -49,6 +65,11 @@ def evaluate_stages(
     ``settings.baseline_inits`` seeds. With ``report_dir``, each variant's model (``settings.variants``) also gets
     the full suite (:func:`m2d2.eval.suite.evaluate_suite`: linear probe, R@50, confusion matrix, t-SNE, projector
     attention) under ``<variant>/`` keys and its HTML report in ``report_dir/<variant>``, logged to MLflow.
+
+    ``settings.suite`` says what else runs: ``corpus`` is the above (the execution's evaluation split); every other
+    entry is a downstream task (:mod:`m2d2.eval.benchmark`) scored for each variant's model (and stage 1.1's
+    tagger on tagging tasks), its metrics under ``<variant>/<task>/<metric>``, with features cached in
+    ``cache_dir``. Each variant also gets ``suite_mean``, and ``report_dir`` the suite table (``suite_table.*``).
     """
     stages = tuple(s for s in registry.STAGES if s.name in exports)
     data = eval_set(feature_dir, settings.prompt_template)
@@ -81,13 +102,14 @@ def evaluate_stages(
             results[f"{stage.name}_zs_gain"] = (results[f"{stage.name}/zs_acc"]
                                                  - results[f"{stage.baseline}_baseline/zs_acc"])
     suites = []
-    suite = suite_digest(data)  # what the registry compares versions by
+    table: list = []  # the suite table's rows (m2d2.eval.benchmark.TaskResult): the corpus, then downstream tasks
+    task_seconds: dict[str, float] = {}
     if report_dir is not None:
+        Path(report_dir).mkdir(parents=True, exist_ok=True)
+    if report_dir is not None and CORPUS in settings.suite:
         from m2d2.eval.suite import evaluate_suite
 
-        Path(report_dir).mkdir(parents=True, exist_ok=True)
-        (Path(report_dir) / SUITE_FILE).write_text(json.dumps({"digest": suite, "protocol": EVAL_PROTOCOL,
-                                                               "clips": len(data.labels)}))
+        started = time.perf_counter()
         for name in settings.variants:
             variant = registry.variant(name)
             final = registry.stage(variant.final)
@@ -97,6 +119,38 @@ def evaluate_stages(
             _put(results, name, {k: v for k, v in result.metrics.items()
                                  if k.startswith(("probe_", "a2t_R50", "t2a_R50", "zs_"))})
             suites.append((name, result))
+            table.append(TaskResult(CORPUS, name, _corpus_row(results, final.name, result.metrics),
+                                    len(data.labels), 0.0))
+        for stage in dict.fromkeys(s.baseline for s in stages if s.evaluation == "clap" and s.baseline):
+            table.append(TaskResult(CORPUS, f"{stage} baseline", {k.split("/", 1)[1]: v for k, v in results.items()
+                                    if k.startswith(f"{stage}_baseline/") and k.split("/", 1)[1] in _CORPUS_KEYS},
+                                    len(data.labels), 0.0))
+        task_seconds[CORPUS] = time.perf_counter() - started
+    downstream = [spec for spec in settings.suite if spec != CORPUS]
+    digests = {CORPUS: suite_digest(data)}  # what the registry compares versions by
+    if downstream:
+        bench = _downstream(settings, downstream, models, exports, cache_dir)
+        table += bench.results
+        task_seconds.update(bench.task_seconds)
+        digests.update(bench.digests)
+        for r in bench.results:  # a variant's (or stage 1.1's) figures on each task
+            _put(results, r.model, {f"{r.task}/{k}": v for k, v in r.metrics.items()})
+    suite = digests[CORPUS] if len(digests) == 1 else hashlib.sha256(
+        json.dumps(digests, sort_keys=True).encode()).hexdigest()
+    for name in settings.variants:
+        heads = [v for r in table if r.model == name for v in headline(r.task, r.metrics).values()]
+        if heads:
+            results[f"{name}/suite_mean"] = float(np.mean(heads))
+    if report_dir is not None:
+        (Path(report_dir) / SUITE_FILE).write_text(json.dumps({"digest": suite, "protocol": EVAL_PROTOCOL,
+                                                               "benchmark_protocol": BENCHMARK_PROTOCOL,
+                                                               "clips": len(data.labels), "tasks": digests}))
+        if table:
+            summary = BenchmarkResult(table, {CORPUS: "Evaluation split (this execution)", **bench_titles(table)},
+                                      task_seconds)
+            summary.write(report_dir)
+            for _, result in suites:
+                add_section(result.report_dir, summary.html())
     run_id = None
     if parent_run_id:
         params = {"baseline_inits": settings.baseline_inits, "prompt_template": settings.prompt_template,
@@ -110,7 +164,57 @@ def evaluate_stages(
 
                 for name, result in suites:
                     log_report(result.report_dir, run_id, f"report/{name}")
+                for path in sorted(Path(report_dir).glob("suite_*")):
+                    run.log_artifact(path, "report")
     return results, run_id
+
+
+_CORPUS_KEYS = ("zs_acc", "probe_acc", "a2t_R1", "a2t_R5", "a2t_R10", "a2t_mAP10", "t2a_R1", "t2a_R5", "t2a_R10",
+                "t2a_mAP10")
+
+
+def _corpus_row(results: dict[str, float], final: str, suite_metrics: dict[str, float]) -> dict[str, float]:
+    """The corpus task's row of one model: its stage metrics (zero-shot, retrieval) and its suite's probe."""
+    row = {k: results[f"{final}/{k}"] for k in _CORPUS_KEYS if f"{final}/{k}" in results}
+    row.update({k: float(v) for k, v in suite_metrics.items() if k in ("probe_acc", "probe_acc_std")})
+    return row
+
+
+def bench_titles(table: list[TaskResult]) -> dict[str, str]:
+    from m2d2.eval.tasks import TASKS
+
+    return {r.task: TASKS[r.task].title for r in table if r.task in TASKS}
+
+
+@dataclass
+class _Downstream:
+    results: list[TaskResult]
+    task_seconds: dict[str, float]
+    digests: dict[str, str]
+
+
+def _downstream(settings: EvaluationSettings, specs: list[str], models: dict[str, M2D2], exports: dict[str, str],
+                cache_dir: str | Path | None) -> _Downstream:
+    """Each variant's model (and stage 1.1's tagger, for tagging tasks) on the suite's downstream tasks."""
+    from m2d2.eval.tagging import load_tagger
+    from m2d2.eval.tasks import TAGGING
+    from m2d2.inference import attach_text_embedder
+
+    tasks = []
+    for spec in specs:
+        task, root = parse_task(spec, settings.tasks_root)
+        tasks.append((task, task.read(root)))
+    entries = []
+    for name in settings.variants:
+        final = registry.variant(name).final
+        entries.append(EvalModel(name, attach_text_embedder(models[final])))
+    if any(TAGGING in task.protocols for task, _ in tasks):
+        for stage in registry.STAGES:
+            if stage.evaluation == "tagging" and stage.name in exports:
+                base, tagger, classes = load_tagger(str(exports[stage.name]))
+                entries.append(EvalModel(stage.name, base, clap=False, linear=False, tagger=(tagger, classes)))
+    bench = run_benchmark(entries, tasks, BenchmarkSettings(linear_runs=settings.linear_runs), cache_dir=cache_dir)
+    return _Downstream(bench.results, bench.task_seconds, {t.name: task_digest(t, d) for t, d in tasks})
 
 
 def _baseline(settings: EvaluationSettings, stage: registry.Stage, trained: M2D2, exports: dict[str, str],

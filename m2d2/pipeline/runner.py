@@ -205,13 +205,15 @@ def evaluate_step(settings: EvaluationSettings, data_root: str, features: StepOu
     exports = {s.name: stages[s.name].path for s in trained}
     directory = Path(data_root) / "evaluate" / step_key(
         settings.baseline_inits, settings.prompt_template, settings.variants,
-        [(s.name, settings.models[s.name], exports[s.name]) for s in trained])
+        [(s.name, settings.models[s.name], exports[s.name]) for s in trained],
+        settings.suite, settings.tasks_root, settings.linear_runs)
     report_dir = directory / "report"
 
     def make() -> StepOutput:
         metrics, run_id = evaluate_stages(
             settings, features.path, Path(captions.path) / CAPTION_FILE, exports, parent_run_id,
-            stage_metrics={name: out.metrics for name, out in stages.items()}, report_dir=report_dir)
+            stage_metrics={name: out.metrics for name, out in stages.items()}, report_dir=report_dir,
+            cache_dir=Path(data_root) / "evaluate" / "features")
         return StepOutput(path=str(report_dir.resolve()), mlflow_run_id=run_id or "", metrics=metrics)
 
     return _reuse_or_run(directory, ("report",), make), report_dir

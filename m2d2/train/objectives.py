@@ -21,14 +21,11 @@ from torch import nn
 
 from m2d2 import io
 from m2d2.models import M2D2, ChunkMasks, PatchMask
-from m2d2.models.tagger import FineTuneModel
+from m2d2.models.tagger import CLASSES_FILE, CLASSIFIER_DIR, HEAD_FILE, FineTuneModel
 from m2d2.train.config import TrainStageConfig
 from m2d2.train.finetune import mixup_batch
 
 EXPORT_DIR = "model"
-CLASSIFIER_DIR = "classifier"
-CLASSES_FILE = "classes.json"
-HEAD_FILE = "head.safetensors"
 
 Batch = tuple[torch.Tensor, Any]
 StepOutput = dict[str, torch.Tensor]

@@ -26,13 +26,13 @@ from m2d2.data.loader import CropDataset, LabeledCropDataset, WeightedOrder
 from m2d2.data.views import ViewRule, resolve_view
 from m2d2.models import M2D2
 from m2d2.models.presets import model_config
-from m2d2.models.tagger import FineTuneModel, expand_encoder_frames
+from m2d2.models.tagger import CLASSIFIER_DIR, FineTuneModel, expand_encoder_frames
 from m2d2.text.cache import CaptionEmbeddings
 from m2d2.tracking import StageRun
 from m2d2.train.config import TrainStageConfig
 from m2d2.train.engine import init_distributed, train
 from m2d2.train.finetune import audioset_sample_weights
-from m2d2.train.objectives import CLASSIFIER_DIR, ClapObjective, FineTuneObjective, Objective
+from m2d2.train.objectives import ClapObjective, FineTuneObjective, Objective
 
 log = logging.getLogger(__name__)
 

@@ -29,20 +29,30 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
-def test_config_show_prints_the_effective_config(tmp_path):
-    shown = _cli("--preset", "paper")
+def _show(capsys, *args: str) -> subprocess.CompletedProcess:
+    """``m2d2 config show`` in this process (the entry point itself is run as a child once, above)."""
+    from m2d2.cli import main
+
+    capsys.readouterr()
+    code = main(["config", "show", *args])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
+def test_config_show_prints_the_effective_config(tmp_path, capsys):
+    shown = _cli("--preset", "paper")  # the installed entry point, in a fresh interpreter
     assert shown.returncode == 0, shown.stderr[-2000:]
     assert loads(shown.stdout, PipelineConfig) == presets.pipeline_config("paper")
     overlay = tmp_path / "overlay.yaml"
     overlay.write_text("experiment: tuned\nstages:\n  stage2:\n    optim:\n      base_lr: 1.0e-5\n")
-    shown = _cli("--preset", "smoke", "--cfg", str(overlay), "--format", "json")
+    shown = _show(capsys, "--preset", "smoke", "--cfg", str(overlay), "--format", "json")
     assert shown.returncode == 0, shown.stderr[-2000:]
     expected = presets.pipeline_config("smoke", experiment="tuned", stages={"stage2": {"optim": {"base_lr": 1e-5}}})
     assert PipelineConfig.from_json(shown.stdout) == expected
-    alone = _cli("--cfg", str(overlay))  # what pyflyte runs with this file: the defaults (demo) overlaid
+    alone = _show(capsys, "--cfg", str(overlay))  # what pyflyte runs with this file: the defaults (demo) overlaid
     assert loads(alone.stdout, PipelineConfig) == presets.pipeline_config(
         "demo", experiment="tuned", stages={"stage2": {"optim": {"base_lr": 1e-5}}})
     overlay.write_text("stages:\n  stage2:\n    optim:\n      lrr: 1.0e-5\n")
-    failed = _cli("--cfg", str(overlay))
+    failed = _show(capsys, "--cfg", str(overlay))
     assert failed.returncode == 2 and failed.stdout == ""
     assert failed.stderr.strip().startswith(f"m2d2 config: {overlay}: stages.stage2.optim.lrr: unknown key; known: name,")

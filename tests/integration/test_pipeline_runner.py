@@ -22,6 +22,7 @@ from m2d2.pipeline import STAGES, registry, run
 from m2d2.pipeline.registry import Stage, Variant
 from m2d2.presets import pipeline_config
 from tests.helpers import GOLDEN as GOLDEN_DIR
+from tests.helpers import write_tone_folder
 
 GOLDEN = GOLDEN_DIR / "smoke_exports.json"
 
@@ -63,7 +64,10 @@ def _digests(result) -> dict[str, str]:
 @pytest.mark.slow
 def test_smoke_pipeline_in_process_matches_golden_and_reruns_only_what_changed(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    cfg = pipeline_config("smoke", data_root=str(tmp_path / "data"), experiment="runner")
+    # the suite: the execution's own evaluation split and a downstream task from a folder with a labels.csv
+    tones = write_tone_folder(tmp_path / "tones")
+    cfg = pipeline_config("smoke", data_root=str(tmp_path / "data"), experiment="runner",
+                          suite=["corpus", f"tones={tones}"])
     first = run(cfg)
     digests = _digests(first)
     if os.environ.get("M2D2_UPDATE_GOLDEN") == "1":
@@ -85,6 +89,17 @@ def test_smoke_pipeline_in_process_matches_golden_and_reruns_only_what_changed(t
 
     suite = json.loads((Path(first.evaluation.path) / "suite.json").read_text())["digest"]
     assert MlflowClient().get_model_version("m2d2-plus", "1").tags["m2d2.eval_suite"] == suite
+    # the suite table: the corpus and the downstream task, a column per model, the task's figures as metrics
+    table = (Path(first.evaluation.path) / "suite_table.md").read_text()
+    assert "| Evaluation split (this execution) | zs_acc |" in table and "| tones | probe_acc |" in table
+    assert "stage1 baseline" in table.splitlines()[0]
+    metrics = first.evaluation.metrics
+    for name in registry.VARIANT_NAMES:
+        assert 0.0 <= metrics[f"{name}/tones/probe_acc"] <= 1.0 and 0.0 <= metrics[f"{name}/tones/zs_acc"] <= 1.0
+        assert metrics[f"{name}/suite_mean"] > 0.0
+    assert json.loads((Path(first.evaluation.path) / "suite.json").read_text())["tasks"].keys() == {"corpus",
+                                                                                                     "tones"}
+    assert "Downstream tasks" in (Path(first.evaluation.path) / "m2d2" / "report.html").read_text()
     assert {name: v["stage"] for name, v in summary["variants"].items()} == {
         "m2d2-minus": "stage1", "m2d2": "stage2", "m2d2-plus": "stage2.1", "m2d2-as-plus": "stage2.1-as"}
     # every stage's view was checked first and its clip count logged (the smoke corpus: 20 training clips, 10 with

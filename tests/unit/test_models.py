@@ -460,12 +460,16 @@ def test_one_chunking_rule_for_inference_reports_and_tagging():
     from m2d2.models.chunks import chunk_spans, frame_starts, split_chunks
 
     assert chunk_spans(1001, 1001, 16) == [(0, 1001)]
-    assert chunk_spans(1006, 1001, 16) == [(0, 1001)]  # 5 frames past the chunk pad to 7, less than a patch
-    assert chunk_spans(1011, 1001, 16) == [(0, 1001), (1001, 1024)]  # 10 frames pad to 23: one patch
+    # the reference's tail rule: the frames past the last full chunk are padded to whole patches, never dropped
+    assert chunk_spans(1006, 1001, 16) == [(0, 1001), (1001, 1017)]  # 5 frames: one padded patch
+    assert chunk_spans(1011, 1001, 16) == [(0, 1001), (1001, 1017)]  # 10 frames: one padded patch
+    assert chunk_spans(1001 + 17, 1001, 16) == [(0, 1001), (1001, 1033)]  # 17 frames: two patches
+    assert chunk_spans(1001 + 995, 1001, 16) == [(0, 1001), (1001, 2002)]  # a tail longer than 992: a full chunk
+    assert chunk_spans(2 * 608 + 1, 608, 16) == [(0, 608), (608, 1216), (1216, 1232)]
     assert chunk_spans(10, 608, 16) == [(0, 16)]  # shorter than a patch: one padded patch
     x = torch.randn(2, 80, 1011)
     chunks = split_chunks(x, 1001, 16)
-    assert [c.shape[-1] for c in chunks] == [1001, 23]
+    assert [c.shape[-1] for c in chunks] == [1001, 16]
     assert torch.equal(chunks[0], x[..., :1001]) and torch.equal(chunks[1][..., :10], x[..., 1001:])
     assert not chunks[1][..., 10:].any()  # padded with the normalised mean
     assert frame_starts(1011, 1001, 16).tolist()[-2:] == [976, 1001] and len(frame_starts(1011, 1001, 16)) == 63
