@@ -6,7 +6,7 @@ STAMP := $(VENV)/.m2d2-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-fast lint demo mlflow-ui constraints clean device-wheels
+.PHONY: install test test-fast lint demo mlflow-ui ui-check constraints clean device-wheels
 
 # (Re)install when the dependency spec or the pins change. pip, not uv/poetry: only pip sees the
 # machine's local torch wheels (see README "Installation"). Every extra: the core install serves inference only.
@@ -42,6 +42,11 @@ demo: $(STAMP)
 
 mlflow-ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+# The MLflow UI as a user sees it, after `make demo`: mlflow ui on loopback, headless Chromium (Debian: apt-get
+# install chromium), screenshots and checks of the experiment, a stage's charts and the registry in ./ui-check.
+ui-check: $(STAMP)
+	$(PY) tests/ui/check_mlflow_ui.py --backend-store-uri sqlite:///mlflow.db --out ui-check
 
 # Refresh the exact CPU pins from the current venv (after changing pyproject ranges).
 constraints: $(STAMP)

@@ -1,5 +1,6 @@
 """``m2d2`` command line: embed audio files, zero-shot classify them, search a folder by text, evaluate models on
-downstream tasks, show the last pipeline summary or the effective configuration, import reference checkpoints."""
+downstream tasks, trace a registered model's lineage, show the last pipeline summary or the effective configuration,
+import reference checkpoints."""
 
 from __future__ import annotations
 
@@ -198,6 +199,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
               + (f"; excluded by its split: {excluded}" if excluded else "")
               + (f"; undecodable clips skipped: {skipped}" if skipped else ""))
     print(f"Table: {out / 'suite_table.md'} (also .csv, .html); results: {out / 'suite_results.json'}")
+    return 0
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from mlflow.exceptions import MlflowException
+
+    from m2d2.pipeline.lineage import describe
+
+    try:
+        lines = describe(args.model_uri)
+    except (MlflowException, ValueError) as exc:
+        print(f"m2d2 lineage: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
     return 0
 
 
@@ -410,6 +425,10 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--list", action="store_true", help="list the registered tasks and exit")
     _add_model_options(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
+    lineage = sub.add_parser("lineage", help="what a registered model was made from: runs, code, config, data")
+    lineage.add_argument("model_uri", help="models:/<name>@<alias> or models:/<name>/<version> (MLFLOW_TRACKING_URI, "
+                                           "default sqlite:///mlflow.db)")
+    lineage.set_defaults(func=cmd_lineage)
     run = sub.add_parser("run", help="run the whole pipeline in this process (no Flyte): corpus to registered model")
     run.add_argument("--preset", choices=["demo", "smoke", "paper"], help="named preset (default demo)")
     run.add_argument("--cfg", help="JSON/YAML PipelineConfig; its keys overlay the preset")

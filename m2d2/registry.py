@@ -1,7 +1,8 @@
 """Eval-gated model registration in the MLflow model registry: a new version always, the alias only if it wins.
 
 :func:`register_model` logs an exported model directory to a run, creates a registered-model version from it,
-records the evaluation metrics on the version as tags (``m2d2.metric.<name>``), and compares the primary metric
+records the primary metric on the version as a tag (``m2d2.metric.<name>``; the full set stays on the run and in
+the version's description), and compares the primary metric
 with the version that holds the alias (``champion``). The alias moves only when the new version is strictly
 better; the very first version takes it. Either way the version carries ``m2d2.promotion`` (``promoted`` /
 ``not_promoted``) and ``m2d2.promotion_reason``, so the registry itself says why a version is or is not serving.
@@ -41,6 +42,7 @@ STATUS_TAG = "m2d2.promotion"
 REASON_TAG = "m2d2.promotion_reason"
 EXPORT_TAG = "m2d2.export_uri"
 SUITE_TAG = "m2d2.eval_suite"  # digest of the evaluation a version's metrics come from
+MODEL_CARD = "README.md"  # an export's model card (Hugging Face layout), carried into the registered model
 EXPORT_MARKER = "config.json"  # written last by M2D2.save_pretrained: its presence marks a complete export
 _ALIAS = re.compile(r"^[A-Za-z0-9_-]+$")
 _TAG_UNSAFE = re.compile(r"[^A-Za-z0-9_\-./ ]")
@@ -73,19 +75,6 @@ def _is_missing(err: MlflowException) -> bool:
     if err.error_code == "RESOURCE_DOES_NOT_EXIST":
         return True
     return err.error_code == "INVALID_PARAMETER_VALUE" and "not found" in str(err.message)
-
-
-def _experiment_id(client, name: str) -> str:
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name)
-    except MlflowException:  # created by someone else between the lookup and the create
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
 
 
 def _incumbent(client, name: str, alias: str, primary_metric: str,
@@ -147,6 +136,7 @@ def register_model(
     experiment: str = tracking.DEFAULT_EXPERIMENT,
     version_tags: Mapping[str, str] | None = None,
     suite: str | None = None,
+    description: str = "",
 ) -> RegistrationResult:
     """Register ``export_dir`` (an ``M2D2.save_pretrained`` directory, local or ``s3://``) as a new version of
     ``name`` and give it ``alias`` only if ``metrics[primary_metric]`` strictly beats the alias holder's.
@@ -155,6 +145,8 @@ def register_model(
     run in ``experiment`` that also records ``metrics``. ``version_tags`` go onto the version besides the metric tags
     (the pipeline names the model variant there). ``suite`` is the digest of the evaluation the metrics come from
     (:func:`m2d2.eval.clap.suite_digest`): the alias holder is compared only if it was evaluated on the same one.
+    ``description`` (markdown) becomes the version's description, followed by the promotion decision and its
+    reason. The logged model is an MLflow pyfunc (:mod:`m2d2.serving`) whose artifact ``export`` is the export.
     Every check (metric present and finite, alias valid, export complete, incumbent comparable) happens before
     anything is written.
     """
@@ -175,16 +167,21 @@ def register_model(
     incumbent_version, incumbent_value, incumbent_suite = _incumbent(client, name, alias, primary_metric, suite)
 
     from m2d2.models.model import EXPORT_FILES
+    from m2d2.serving import save_pyfunc
 
     with tempfile.TemporaryDirectory() as tmp:
         local = io.local_path(export) if io.is_local(export) else io.download_dir(export, tmp, EXPORT_FILES)
+        if not io.is_local(export) and io.exists(io.join(export, MODEL_CARD)):  # the card travels with the weights
+            (Path(local) / MODEL_CARD).write_bytes(io.read_bytes(io.join(export, MODEL_CARD)))
+        # an MLflow model (pyfunc, defined by code) holding the export as its artifact: load_model and serve work
+        model_dir = save_pyfunc(local, Path(tmp) / "mlflow-model")
         if run_id is None:
-            experiment_id = _experiment_id(client, experiment)
+            experiment_id = tracking.experiment_id(client, experiment)
             run = client.create_run(experiment_id, run_name=f"register-{name}",
                                     tags={tracking.KIND_TAG: "register", EXPORT_TAG: redact_url(export)})
             run_id = run.info.run_id
             try:
-                client.log_artifacts(run_id, str(local), ARTIFACT_PATH)
+                client.log_artifacts(run_id, str(model_dir), ARTIFACT_PATH)
                 for key, metric in metrics.items():
                     client.log_metric(run_id, _TAG_UNSAFE.sub("", key), float(metric), step=0)
             except BaseException:
@@ -192,9 +189,11 @@ def register_model(
                 raise
             client.set_terminated(run_id, "FINISHED")
         else:
-            client.log_artifacts(run_id, str(local), ARTIFACT_PATH)
+            client.log_artifacts(run_id, str(model_dir), ARTIFACT_PATH)
 
-    tags = {metric_tag(k): repr(float(v)) for k, v in metrics.items()}
+    # A handful of tags: what the registry compares (the primary metric) and what identifies the version; the full
+    # metric set stays on the run, and the description says it in words.
+    tags = {metric_tag(primary_metric): repr(value)}
     tags.update({k: str(v) for k, v in (version_tags or {}).items()})
     tags.update({PRIMARY_TAG: primary_metric, DIRECTION_TAG: str(higher_is_better).lower(),
                  EXPORT_TAG: redact_url(export)})
@@ -210,5 +209,7 @@ def register_model(
         client.set_registered_model_alias(name, alias, version)
     client.set_model_version_tag(name, version, STATUS_TAG, "promoted" if promoted else "not_promoted")
     client.set_model_version_tag(name, version, REASON_TAG, reason)
+    decision = f"**{'Promoted' if promoted else 'Not promoted'}** to `{alias}`: {reason}."
+    client.update_model_version(name, version, description=f"{description.rstrip()}\n\n{decision}".strip())
     return RegistrationResult(name, version, run_id, f"models:/{name}/{version}", alias, promoted, reason,
                               primary_metric, value, incumbent_version, incumbent_value)

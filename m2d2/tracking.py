@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import hashlib
 import json
 import logging
 import os
+import subprocess
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -46,6 +49,8 @@ EXECUTION_TAG = "flyte.execution_id"
 KIND_TAG = "m2d2.kind"
 STAGE_TAG = "m2d2.stage"
 PARENT_TAG = "mlflow.parentRunId"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by the MLflow 3 UI to pick the experiment's view
+MODEL_TRAINING = "custom_model_development"  # the UI's model-training view (runs table, charts), not GenAI
 
 # MLflow server-side limits (mlflow.utils.validation); exceeding them makes the whole request fail.
 MAX_PARAM_VALUE = 6000
@@ -134,18 +139,62 @@ def _tags(tags: Mapping[str, Any] | None) -> list[RunTag]:
     return [RunTag(str(k), _clean(v, MAX_TAG_VALUE, str(k))) for k, v in (tags or {}).items()]
 
 
-def _experiment_id(mlflow: MlflowClient, name: str) -> str:
+def experiment_id(mlflow: MlflowClient, name: str) -> str:
+    """The id of experiment ``name``, created if needed, declared a model-training experiment.
+
+    MLflow 3's UI treats an experiment without the ``mlflow.experimentKind`` tag as a GenAI one (traces, judges);
+    ours train models, so the tag says so and the UI opens on the runs table and metric charts. An experiment made
+    before this (or by hand) gets the tag too, unless someone set a kind on purpose.
+    """
     experiment = mlflow.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
+    if experiment is None:
+        try:
+            return mlflow.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+        except MlflowException:
+            # Another task created it between our lookup and create.
+            experiment = mlflow.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        mlflow.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    return experiment.experiment_id
+
+
+CONFIG_DIGEST_TAG = "m2d2.config_digest"
+CONFIG_ARTIFACT = "config.json"  # the resolved configuration of the execution, on its parent run
+GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own key: the UI shows it as the run's git commit
+GIT_DIRTY_TAG = "m2d2.git_dirty"
+VERSION_TAG = "m2d2.version"
+
+
+def config_digest(config: Any) -> str:
+    """sha256 of the resolved configuration as canonical JSON: two executions with one digest ran one config."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=_json_default).encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> dict[str, str]:
+    """What code made a run: the package version, and the git commit and dirty flag when it runs from a checkout
+    (``M2D2_GIT_COMMIT`` stands in where there is no ``.git``, e.g. an image built from a commit)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        return mlflow.create_experiment(name)
-    except MlflowException:
-        # Another task created it between our lookup and create.
-        experiment = mlflow.get_experiment_by_name(name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
+        tags = {VERSION_TAG: version("m2d2")}
+    except PackageNotFoundError:
+        tags = {VERSION_TAG: "unknown"}
+    root = Path(__file__).resolve().parent.parent
+    try:
+        if not (root / "pyproject.toml").is_file():  # an installed copy, not a checkout: git would see another repo
+            raise OSError("not a checkout")
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        tags.update({GIT_COMMIT_TAG: commit, GIT_DIRTY_TAG: str(bool(dirty)).lower()})
+    except (OSError, subprocess.SubprocessError):
+        if os.environ.get("M2D2_GIT_COMMIT"):
+            tags[GIT_COMMIT_TAG] = os.environ["M2D2_GIT_COMMIT"]
+    return tags
 
 
 def start_pipeline_run(
@@ -161,9 +210,9 @@ def start_pipeline_run(
     which is fine because retries of one task are sequential.
     """
     mlflow = client()
-    experiment_id = _experiment_id(mlflow, experiment)
+    exp_id = experiment_id(mlflow, experiment)
     existing = mlflow.search_runs(
-        [experiment_id],
+        [exp_id],
         filter_string=f"tags.`{EXECUTION_TAG}` = {_quote(execution_id)} and tags.`{KIND_TAG}` = 'pipeline'",
         run_view_type=ViewType.ACTIVE_ONLY,
         max_results=1,
@@ -173,13 +222,16 @@ def start_pipeline_run(
         run_id = existing[0].info.run_id
         log.info("Reusing MLflow pipeline run %s for execution %s", run_id, execution_id)
         return run_id
-    all_tags = {**(tags or {}), EXECUTION_TAG: execution_id, KIND_TAG: "pipeline"}
+    all_tags = {**code_version(), **(tags or {}), EXECUTION_TAG: execution_id, KIND_TAG: "pipeline"}
+    if params:
+        all_tags[CONFIG_DIGEST_TAG] = config_digest(params)
     run = mlflow.create_run(
-        experiment_id, tags={t.key: t.value for t in _tags(all_tags)}, run_name=f"pipeline-{execution_id}"
+        exp_id, tags={t.key: t.value for t in _tags(all_tags)}, run_name=f"pipeline-{execution_id}"
     )
     run_id = run.info.run_id
     if params:
         _log_params(mlflow, run_id, params)
+        mlflow.log_dict(run_id, redact(json.loads(json.dumps(params, default=_json_default))), CONFIG_ARTIFACT)
     log.info("Created MLflow pipeline run %s for execution %s", run_id, execution_id)
     return run_id
 
@@ -271,7 +323,8 @@ class StageRun:
             return self
         self._client = client()
         experiment_id = self._client.get_run(self.parent_run_id).info.experiment_id
-        tags = {**self._tags, PARENT_TAG: self.parent_run_id, STAGE_TAG: self.stage, KIND_TAG: "stage"}
+        tags = {**code_version(), **self._tags, PARENT_TAG: self.parent_run_id, STAGE_TAG: self.stage,
+                KIND_TAG: "stage"}
         run = self._client.create_run(experiment_id, tags={t.key: t.value for t in _tags(tags)}, run_name=self.stage)
         self._run_id = run.info.run_id
         log.info("Started MLflow run %s for stage %s (parent %s)", self._run_id, self.stage, self.parent_run_id)

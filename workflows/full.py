@@ -409,19 +409,21 @@ def evaluate(settings: EvaluationSettings, workspace: str, features: Artifact, c
     return _artifact(output)
 
 
-@cpu_task("small", cache=Cache(version="register-4", ignored_inputs=TRACKING))
+@cpu_task("small", cache=Cache(version="register-5", ignored_inputs=TRACKING))
 def register(settings: RegistrationSettings, workspace: str, stages: dict[str, Artifact], evaluation: Artifact,
-             parent_run_id: str) -> dict[str, Registration]:
+             parent_run_id: str, features: Artifact, captions: Artifact) -> dict[str, Registration]:
     """Register each model variant as its own MLflow model; a champion alias moves only if
     ``settings.primary_metric`` beats that model's incumbent.
 
     Cached by the models and their scores, so re-running an unchanged pipeline adds no duplicate version.
+    ``features`` and ``captions`` are the data the versions' lineage names.
     """
     from m2d2.pipeline import root_of
     from m2d2.pipeline.runner import register_step
 
     return register_step(settings, root_of(workspace), {name: _step(a) for name, a in stages.items()},
-                         _step(evaluation), parent_run_id or None)
+                         _step(evaluation), parent_run_id or None,
+                         inputs={"features": _step(features), "embed": _step(captions)})
 
 
 @cpu_task("small")
@@ -470,6 +472,6 @@ def full(cfg: PipelineConfig = PipelineConfig()) -> FlyteFile:  # noqa: B008 (Fl
     scores = evaluate(settings=settings.evaluation, workspace=workspace, features=features, captions=captions,
                       stages=stages, parent_run_id=parent)
     registrations = register(settings=settings.registration, workspace=workspace, stages=stages, evaluation=scores,
-                             parent_run_id=parent)
+                             parent_run_id=parent, features=features, captions=captions)
     return finish_tracking(workspace=workspace, parent_run_id=parent, outputs=outputs, evaluation=scores,
                            registrations=registrations)

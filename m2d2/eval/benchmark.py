@@ -27,6 +27,7 @@ import html
 import io as _io
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -141,7 +142,7 @@ class BenchmarkResult:
         table: dict[tuple[str, str], dict[str, object]] = {}
         for r in self.results:
             for key, value in r.metrics.items():
-                if key.endswith("_std") or key in {"folds", "runs"}:
+                if not shown_metric(key):
                     continue
                 row = table.setdefault((r.task, key), {"task": r.task, "title": self.titles.get(r.task, r.task),
                                                        "metric": key, "seconds": self.task_seconds.get(r.task)})
@@ -208,6 +209,13 @@ class BenchmarkResult:
         rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>" for cells in body)
         return (f"<section><h2>Downstream tasks (values in %, the paper's in parentheses)</h2>"
                 f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></section>\n")
+
+
+def shown_metric(metric: str) -> bool:
+    """A figure of the table (fractions); stds go beside their mean, per-fold scores, best epochs and clip counts
+    stay in ``suite_results.json``."""
+    return not (metric.endswith("_std") or metric == "clips" or "best_epoch" in metric
+                or re.search(r"_fold\d+$", metric))
 
 
 def _cell(value: object) -> str:

@@ -123,7 +123,8 @@ def evaluate_stages(
                                     len(data.labels), 0.0))
         for stage in dict.fromkeys(s.baseline for s in stages if s.evaluation == "clap" and s.baseline):
             table.append(TaskResult(CORPUS, f"{stage} baseline", {k.split("/", 1)[1]: v for k, v in results.items()
-                                    if k.startswith(f"{stage}_baseline/") and k.split("/", 1)[1] in _CORPUS_KEYS},
+                                    if k.startswith(f"{stage}_baseline/")
+                                    and k.split("/", 1)[1].removesuffix("_std") in _CORPUS_KEYS},
                                     len(data.labels), 0.0))
         task_seconds[CORPUS] = time.perf_counter() - started
     downstream = [spec for spec in settings.suite if spec != CORPUS]
@@ -141,13 +142,13 @@ def evaluate_stages(
         heads = [v for r in table if r.model == name for v in headline(r.task, r.metrics).values()]
         if heads:
             results[f"{name}/suite_mean"] = float(np.mean(heads))
+    summary = BenchmarkResult(table, {CORPUS: "Evaluation split (this execution)", **bench_titles(table)},
+                              task_seconds)
     if report_dir is not None:
         (Path(report_dir) / SUITE_FILE).write_text(json.dumps({"digest": suite, "protocol": EVAL_PROTOCOL,
                                                                "benchmark_protocol": BENCHMARK_PROTOCOL,
                                                                "clips": len(data.labels), "tasks": digests}))
         if table:
-            summary = BenchmarkResult(table, {CORPUS: "Evaluation split (this execution)", **bench_titles(table)},
-                                      task_seconds)
             summary.write(report_dir)
             for _, result in suites:
                 add_section(result.report_dir, summary.html())
@@ -164,9 +165,35 @@ def evaluate_stages(
 
                 for name, result in suites:
                     log_report(result.report_dir, run_id, f"report/{name}")
+                    _log_figures(run_id, name, result.report_dir)
                 for path in sorted(Path(report_dir).glob("suite_*")):
                     run.log_artifact(path, "report")
+                if table:
+                    _log_table(run_id, summary)
     return results, run_id
+
+
+def _log_figures(run_id: str, variant: str, report_dir: Path) -> None:
+    """The report's figures as MLflow images of the evaluation run (its page shows them next to the metrics)."""
+    import numpy as np
+    from PIL import Image
+
+    from m2d2.tracking import client
+
+    for png in sorted(Path(report_dir).glob("*.png")):
+        with Image.open(png) as image:
+            client().log_image(run_id, np.asarray(image.convert("RGB")), key=f"{variant}/{png.stem}", step=0)
+
+
+def _log_table(run_id: str, result: BenchmarkResult) -> None:
+    """The suite table as an MLflow table artefact (the UI renders it), one row per task, metric and model."""
+    from m2d2.tracking import client
+
+    rows = [(r.task, key, r.model, value) for r in result.results for key, value in r.metrics.items()
+            if not key.endswith("_std") and key != "clips"]
+    client().log_table(run_id, {"task": [r[0] for r in rows], "metric": [r[1] for r in rows],
+                                "model": [r[2] for r in rows], "value": [r[3] for r in rows]},
+                       "report/suite_table.json")
 
 
 _CORPUS_KEYS = ("zs_acc", "probe_acc", "a2t_R1", "a2t_R5", "a2t_R10", "a2t_mAP10", "t2a_R1", "t2a_R5", "t2a_R10",

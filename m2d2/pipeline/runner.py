@@ -244,18 +244,36 @@ def variant_metrics(evaluation: dict[str, float], variant_name: str) -> dict[str
 
 
 def register_step(settings: RegistrationSettings, data_root: str, stages: dict[str, StepOutput],
-                  evaluation: StepOutput, parent_run_id: str | None = None) -> dict[str, Registration]:
+                  evaluation: StepOutput, parent_run_id: str | None = None,
+                  inputs: dict[str, StepOutput] | None = None) -> dict[str, Registration]:
     """Register each variant's export as a version of its own registered model
     (:func:`m2d2.pipeline.registry.registered_name`), once per (export, scores): re-running an unchanged pipeline
-    adds no version. Each variant gets an MLflow run under its name (its metrics, its export) that the version
-    points at. Versions record the evaluation's suite digest: a champion evaluated on other data is not compared."""
+    adds no version. Each variant gets an MLflow run under its name (its metrics, its datasets, its export as an
+    MLflow model) that the version points at. Versions record the evaluation's suite digest (a champion evaluated
+    on other data is not compared) and their lineage (:mod:`m2d2.pipeline.lineage`), and carry a description;
+    every export gets its model card (``README.md``). ``inputs``: the ``features`` and ``embed`` steps' outputs."""
+    from m2d2.pipeline import lineage
+    from m2d2.pipeline.card import description, model_card
     from m2d2.pipeline.evaluation import SUITE_FILE
-    from m2d2.registry import register_model
-    from m2d2.tracking import StageRun
+    from m2d2.registry import MODEL_CARD, register_model
+    from m2d2.tracking import CONFIG_DIGEST_TAG, StageRun
+    from m2d2.tracking import client as tracking_client
 
     suite_file = Path(evaluation.path) / SUITE_FILE
     suite = json.loads(suite_file.read_text())["digest"] if suite_file.is_file() else None
+    inputs = inputs or {}
+    features = inputs.get("features")
+    snapshot = lineage.snapshot(features.path) if features else None
+    found = lineage.datasets(features.path, Path(inputs["embed"].path) / CAPTION_FILE if "embed" in inputs else None) \
+        if features else []
     out: dict[str, Registration] = {}
+    finals = {registry.variant(name).final: name for name in settings.variants}
+    digest = tracking_client().get_run(parent_run_id).data.tags.get(CONFIG_DIGEST_TAG) if parent_run_id else None
+    for stage_name, output in stages.items():  # every export carries its card; a variant's names its figures
+        if output.skipped:
+            continue
+        card = model_card(finals.get(stage_name), stage_name, evaluation.metrics, snapshot, digest, output.metrics)
+        io.atomic_write_bytes(Path(output.path) / MODEL_CARD, card.encode())
     for name in settings.variants:
         variant = registry.variant(name)
         final = stages[variant.final]
@@ -267,15 +285,20 @@ def register_step(settings: RegistrationSettings, data_root: str, stages: dict[s
         if record.is_file():
             out[name] = Registration(**json.loads(record.read_text()))
             continue
-        tags = {"m2d2.variant": name, "m2d2.variant_title": variant.title, "m2d2.final_stage": variant.final}
+        tags = {"m2d2.variant": name, "m2d2.final_stage": variant.final}
+        if features:
+            tags.update(lineage.version_tags(name, {s: o.mlflow_run_id for s, o in stages.items()}, features.path,
+                                             parent_run_id))
         run_id = None
         if parent_run_id:
             with StageRun(parent_run_id, name, params={"export": final.path, "registered_model": model_name,
                                                        "description": variant.description}, tags=tags) as run:
                 run.log_metrics(metrics, step=0)
                 run_id = run.run_id
+            lineage.log_datasets(run_id, found)
+        text = description(name, evaluation.metrics, snapshot, tags.get(CONFIG_DIGEST_TAG))
         result = register_model(final.path, model_name, metrics, settings.primary_metric, run_id=run_id,
-                                version_tags=tags, suite=suite)
+                                version_tags=tags, suite=suite, description=text)
         out[name] = Registration(model_uri=result.model_uri, version=str(result.version), promoted=result.promoted,
                                  reason=result.reason, variant=name, mlflow_run_id=result.run_id)
         io.atomic_write_bytes(record, json.dumps(dataclasses.asdict(out[name])).encode())
@@ -298,6 +321,15 @@ def finish(data_root: str, parent_run_id: str, outputs: dict[str, StepOutput], e
     for name, registration in registrations.items():
         tags[f"m2d2.registered.{name}"] = registration.model_uri
         tags[f"m2d2.champion.{name}"] = str(registration.promoted).lower()
+    tags["mlflow.note.content"] = headline_note(evaluation.metrics, registrations)
+    if "features" in outputs:  # the data every stage trained on, as MLflow datasets (the runs table's Datasets)
+        from m2d2.pipeline import lineage
+
+        embed = outputs.get("embed")
+        found = lineage.datasets(outputs["features"].path, Path(embed.path) / CAPTION_FILE if embed else None)
+        stage_names = {s.name for s in registry.STAGES}
+        for run_id in [parent_run_id, *(o.mlflow_run_id for n, o in trained.items() if n in stage_names)]:
+            lineage.log_datasets(run_id, found)
     finish_pipeline_run(parent_run_id, metrics=evaluation.metrics, tags=tags)
     variants = {}
     for name, registration in registrations.items():
@@ -310,6 +342,26 @@ def finish(data_root: str, parent_run_id: str, outputs: dict[str, StepOutput], e
                **{f"{s.name}_model": trained[s.name].path for s in registry.STAGES if s.name in trained},
                "report": evaluation.path, "variants": variants}
     return write_pipeline_summary(data_root, summary)
+
+
+def headline_note(evaluation: dict[str, float], registrations: dict[str, Registration]) -> str:
+    """The parent run's note (``mlflow.note.content``, shown on its page): one row per model with its headline
+    figures against its baseline and what became of its registration."""
+    rows = ["| Model | Zero-shot | Baseline | Gain | Linear probe | Registered | Champion |", "|---|---|---|---|---|---|---|"]
+    for name, registration in registrations.items():
+        variant = registry.variant(name)
+        final = registry.stage(variant.final)
+        mine = variant_metrics(evaluation, name)
+        base = evaluation.get(f"{final.baseline}_baseline/zs_acc") if final.baseline else None
+        cells = [f"{variant.title} (`{name}`)", _fmt(mine.get("zs_acc")), _fmt(base), _fmt(mine.get("zs_gain")),
+                 _fmt(mine.get("probe_acc")), registration.model_uri,
+                 "yes" if registration.promoted else f"no: {registration.reason}"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "### This execution\n\n" + "\n".join(rows) + "\n"
+
+
+def _fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
 
 
 @dataclass
@@ -350,6 +402,7 @@ def run(cfg: PipelineConfig, execution: str | None = None) -> PipelineResult:
     stages = {s.name: outputs[s.name] for s in registry.needed_stages(cfg.variants)}
     evaluation, _ = evaluate_step(settings.evaluation, cfg.data_root, outputs["features"], outputs["embed"], stages,
                                   parent)
-    registrations = register_step(settings.registration, cfg.data_root, stages, evaluation, parent)
+    registrations = register_step(settings.registration, cfg.data_root, stages, evaluation, parent,
+                                  inputs={"features": outputs["features"], "embed": outputs["embed"]})
     summary = finish(cfg.data_root, parent, outputs, evaluation, registrations)
     return PipelineResult(outputs, evaluation, registrations, summary, parent)

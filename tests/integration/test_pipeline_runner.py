@@ -100,6 +100,7 @@ def test_smoke_pipeline_in_process_matches_golden_and_reruns_only_what_changed(t
     assert json.loads((Path(first.evaluation.path) / "suite.json").read_text())["tasks"].keys() == {"corpus",
                                                                                                      "tones"}
     assert "Downstream tasks" in (Path(first.evaluation.path) / "m2d2" / "report.html").read_text()
+    _check_mlflow_as_users_see_it(first, tmp_path)
     assert {name: v["stage"] for name, v in summary["variants"].items()} == {
         "m2d2-minus": "stage1", "m2d2": "stage2", "m2d2-plus": "stage2.1", "m2d2-as-plus": "stage2.1-as"}
     # every stage's view was checked first and its clip count logged (the smoke corpus: 20 training clips, 10 with
@@ -150,6 +151,57 @@ def test_smoke_pipeline_in_process_matches_golden_and_reruns_only_what_changed(t
 
     with pytest.raises(KeyError, match="has no task for it"):
         wf.stage_task("stage2.2")
+
+
+def _check_mlflow_as_users_see_it(result, tmp_path):
+    """Experiment kind, lineage, a readable registry, the served champion, figures and the parent's note."""
+    import mlflow.pyfunc
+    import numpy as np
+    import pandas as pd
+    from fastapi.testclient import TestClient
+    from mlflow import MlflowClient
+    from mlflow.pyfunc import scoring_server
+
+    from m2d2.cli import main
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("runner")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's model-training view
+    parent = client.get_run(result.parent_run_id)
+    assert len(parent.data.tags["m2d2.config_digest"]) == 64 and "mlflow.source.git.commit" in parent.data.tags
+    assert "| M2D2⁺ (`m2d2-plus`) |" in parent.data.tags["mlflow.note.content"]
+    assert {d.dataset.name for d in parent.inputs.dataset_inputs} == {"corpus", "log-mel features", "caption vectors"}
+    stage1 = client.get_run(result.outputs["stage1"].mlflow_run_id)
+    assert {d.dataset.name for d in stage1.inputs.dataset_inputs} == {"corpus", "log-mel features", "caption vectors"}
+    evaluation = client.get_run(result.evaluation.mlflow_run_id)
+    images = {a.path for a in client.list_artifacts(evaluation.info.run_id, "images")}
+    assert any("confusion" in p for p in images) and any("tsne" in p for p in images)
+
+    version = client.get_model_version_by_alias("m2d2-plus", "champion")
+    assert len(version.tags) <= 16 and not [t for t in version.tags if t.startswith("m2d2.metric.")
+                                            and t != "m2d2.metric.zs_acc"]
+    assert version.description.startswith("**M2D2⁺** (`m2d2-plus`): stage1 → stage2 → stage2.1.")
+    assert "| zs_acc |" in version.description and "**Promoted** to `champion`" in version.description
+    assert version.tags["m2d2.pipeline_run"] == result.parent_run_id
+    assert version.tags["m2d2.stage_runs"].startswith(f"stage1={result.outputs['stage1'].mlflow_run_id},")
+    card = (Path(result.outputs["stage2.1"].path) / "README.md").read_text()
+    assert card.startswith("---\nlicense: apache-2.0") and "## Evaluation" in card and "## Limitations" in card
+    assert (Path(result.outputs["stage1.1"].path) / "README.md").is_file()  # every export, not only the variants'
+    assert main(["lineage", "models:/m2d2-plus@champion"]) == 0
+
+    # the champion as an MLflow model: loaded by URI, and served (the scoring server, in process)
+    model = mlflow.pyfunc.load_model("models:/m2d2-plus@champion")
+    wave = (0.1 * np.sin(np.arange(16000) / 7.0)).tolist()
+    audio = model.predict(pd.DataFrame({"audio": [wave]}))
+    text = model.predict(pd.DataFrame({"text": ["a siren"]}))
+    assert len(audio["embedding"][0]) == len(text["embedding"][0]) > 0
+    server = TestClient(scoring_server.init(model))
+    ok = server.post("/invocations", json={"dataframe_records": [{"audio": wave}], "params": {"output": "clip"}})
+    assert ok.status_code == 200 and len(ok.json()["predictions"][0]["embedding"]) > 0
+    for bad, message in (({"audio": wave, "sample_rate": 44100}, "resample"), ({"audio": []}, "non-empty"),
+                         ({"path": str(tmp_path / "tones" / "labels.csv")}, "M2D2_SERVING_AUDIO_ROOT")):
+        answer = server.post("/invocations", json={"dataframe_records": [bad]})
+        assert answer.status_code == 400 and message in answer.json()["message"], answer.text
 
 
 def test_a_stage_whose_view_is_too_small_fails_before_any_training(tmp_path, monkeypatch, capsys):

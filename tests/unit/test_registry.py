@@ -54,12 +54,17 @@ def test_first_version_takes_the_alias_then_only_better_ones_move_it(client, tmp
     assert "first version" in first.reason
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
     v1 = _version(client, name, "1")
-    assert v1.tags[metric_tag("zs_acc")] == "0.5" and v1.tags[metric_tag("t2a_R@1")] == "0.1"
+    # a handful of tags: the primary metric only (the others stay on the run); the decision in the description
+    assert v1.tags[metric_tag("zs_acc")] == "0.5" and metric_tag("t2a_R@1") not in v1.tags
     assert metric_tag("t2a_R@1") == "m2d2.metric.t2a_R1"
     assert v1.tags[STATUS_TAG] == "promoted" and v1.source == f"runs:/{first.run_id}/model"
-    # the export went to the run's model/ folder; the run recorded the metrics
-    assert sorted(a.path for a in client.list_artifacts(first.run_id, "model")) == [
-        "model/config.json", "model/model.safetensors"]
+    assert v1.description.startswith("**Promoted** to `champion`: first version")
+    # the run's model/ folder holds an MLflow model (pyfunc defined by code) carrying the export; it recorded metrics
+    artifacts = {a.path for a in client.list_artifacts(first.run_id, "model")}
+    assert {"model/MLmodel", "model/mlflow_model.py", "model/artifacts"} <= artifacts
+    (carried,) = client.list_artifacts(first.run_id, "model/artifacts")  # the export, under its own name
+    assert sorted(a.path.rsplit("/", 1)[1] for a in client.list_artifacts(first.run_id, carried.path)) == [
+        "config.json", "model.safetensors"]
     assert client.get_run(first.run_id).data.metrics == {"zs_acc": 0.5, "t2a_R1": 0.1}
 
     worse = register_model(_export(tmp_path / "b", "b"), name, {"zs_acc": 0.40}, "zs_acc")
@@ -173,3 +178,20 @@ def test_log_report_uploads_the_directory(client, tmp_path):
         "report/confusion.png", "report/report.html"]
     with pytest.raises(FileNotFoundError, match="report.html"):
         log_report(tmp_path, run_id)
+
+
+def test_experiments_are_model_training_and_lineage_errors_are_one_line(client, capsys):
+    from m2d2 import tracking
+    from m2d2.cli import main
+
+    made = tracking.experiment_id(client, "kind-new")
+    assert client.get_experiment(made).tags["mlflow.experimentKind"] == "custom_model_development"
+    old = client.create_experiment("kind-old")  # made before the tag existed: it gets it
+    assert tracking.experiment_id(client, "kind-old") == old
+    assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+    chosen = client.create_experiment("kind-chosen", tags={"mlflow.experimentKind": "genai_development"})
+    tracking.experiment_id(client, "kind-chosen")  # a kind set on purpose stays
+    assert client.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai_development"
+    assert main(["lineage", "m2d2@champion"]) == 2 and "models:/<name>@<alias>" in capsys.readouterr().err
+    assert main(["lineage", "models:/no-such-model@champion"]) == 2
+    assert "no-such-model" in capsys.readouterr().err
