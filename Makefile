@@ -38,9 +38,11 @@ demo: $(STAMP)
 	@$(VENV)/bin/m2d2 summary --data-root runs
 	@echo
 	@echo "Outputs: ./runs (corpus, features, caption vectors, checkpoints and exports of every stage, a report per model: M2D2-, M2D2, M2D2+, M2D2^AS+)"
-	@echo "Browse every run:  make mlflow-ui   (= $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db)"
+	@echo "Browse every run:  make mlflow-ui   (= $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db),"
+	@echo "  then http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (MLflow's model-training view)"
 
 mlflow-ui: $(STAMP)
+	@echo "Open http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (MLflow's model-training view)"
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 # The MLflow UI as a user sees it, after `make demo`: mlflow ui on loopback, headless Chromium (Debian: apt-get

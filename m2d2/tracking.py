@@ -51,6 +51,7 @@ STAGE_TAG = "m2d2.stage"
 PARENT_TAG = "mlflow.parentRunId"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by the MLflow 3 UI to pick the experiment's view
 MODEL_TRAINING = "custom_model_development"  # the UI's model-training view (runs table, charts), not GenAI
+UI_MODEL_TRAINING = "workflowType=machine_learning"  # the UI link parameter that opens that view (MLflow >= 3.17)
 
 # MLflow server-side limits (mlflow.utils.validation); exceeding them makes the whole request fail.
 MAX_PARAM_VALUE = 6000
@@ -142,9 +143,10 @@ def _tags(tags: Mapping[str, Any] | None) -> list[RunTag]:
 def experiment_id(mlflow: MlflowClient, name: str) -> str:
     """The id of experiment ``name``, created if needed, declared a model-training experiment.
 
-    MLflow 3's UI treats an experiment without the ``mlflow.experimentKind`` tag as a GenAI one (traces, judges);
-    ours train models, so the tag says so and the UI opens on the runs table and metric charts. An experiment made
-    before this (or by hand) gets the tag too, unless someone set a kind on purpose.
+    MLflow 3 reads the ``mlflow.experimentKind`` tag to tell GenAI experiments (traces, judges) from model-training
+    ones; ours train models, so the tag says so. An experiment made before this (or by hand) gets the tag too,
+    unless someone set a kind on purpose. (MLflow 3.17's UI picks its navigation from a UI-wide switch instead:
+    the links this project prints carry :data:`UI_MODEL_TRAINING`.)
     """
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
@@ -454,8 +456,9 @@ def run_url(run_id: str) -> str | None:
     except MlflowException:
         log.warning("Cannot build a UI link: run %s not found at %s", run_id, redact_url(uri))
         return None
-    # A link is for showing: a browser asks for the credentials rather than finding them in a log.
-    return redact_url(f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}")
+    # A link is for showing: a browser asks for the credentials rather than finding them in a log. MLflow 3.17 picks
+    # its navigation (GenAI or model training) from the link's workflowType, not from the experiment's kind tag.
+    return redact_url(f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?{UI_MODEL_TRAINING}")
 
 
 def write_pipeline_summary(data_root: str | os.PathLike, summary: Mapping[str, Any]) -> Path:

@@ -96,7 +96,8 @@ def test_stage_run_is_child_of_parent(uri: str, parent: str) -> None:
     assert run.data.tags["note"] == "hello"
     assert tracking.find_stage_run(parent, "stage1") == run_id
     assert tracking.find_stage_run(parent, "stage2") is None
-    assert tracking.run_url(run_id) == f"{uri}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    assert tracking.run_url(run_id) == (f"{uri}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+                                        "?workflowType=machine_learning")
 
 
 @dataclass

@@ -8,7 +8,9 @@ It opens three pages, saves a screenshot of each and checks what the page says (
 
 1. the experiment: it opens on the runs table (a model-training experiment), not the GenAI view;
 2. a training stage's run: its metric charts (loss);
-3. the registered model ``m2d2-plus``: its versions, and the champion's description.
+3. the newest version of the registered model ``m2d2-plus``: its tags (lineage) and description.
+
+A fourth screenshot shows the experiment from a bare link, as MLflow 3.17 opens it by default (see below).
 
 Needs Debian's ``chromium`` (``apt-get install chromium``) or ``CHROMIUM=/path/to/chrome``. Exits 1 with the failed
 checks listed, 0 when every page shows what it should.
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         raise SystemExit("no stage1 run to look at")
     stage_run = runs[0].info.run_id
-    champion = client.get_model_version_by_alias(args.model, "champion")
+    newest = max(client.search_model_versions(f"name = '{args.model}'"), key=lambda v: int(v.version))
 
     args.out.mkdir(parents=True, exist_ok=True)
     port = _free_port()
@@ -87,13 +89,17 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(1)
         else:
             raise SystemExit("mlflow ui did not come up in 120 s")
+        # MLflow 3.17 picks its GenAI or model-training navigation from a UI-wide switch (the URL's workflowType,
+        # else the last choice in the browser's storage, else GenAI), not from the experiment's kind tag: the
+        # links this project prints carry workflowType=machine_learning, and so do these.
+        ml = "?workflowType=machine_learning"
+        exp = f"{base}/#/experiments/{experiment.experiment_id}"
         pages = {
-            "experiment": (f"{base}/#/experiments/{experiment.experiment_id}", ["stage1", "pipeline-"],
-                           ["Traces", "Judges"]),
-            "stage-run-charts": (f"{base}/#/experiments/{experiment.experiment_id}/runs/{stage_run}/model-metrics",
-                                 ["loss"], []),
-            "registry": (f"{base}/#/models/{args.model}/versions/{champion.version}",
-                         [f"Version {champion.version}", "Promoted", "champion"], []),
+            "experiment": (f"{exp}{ml}", ["Runs", "pipeline-", "corpus ("], ["Judges"]),  # runs with their datasets
+            "stage-run-charts": (f"{exp}/runs/{stage_run}/model-metrics{ml}", ["Model metrics", "loss_m2d"], []),
+            "registry": (f"{base}/#/models/{args.model}/versions/{newest.version}{ml}",
+                         [f"Version {newest.version}", "m2d2.variant", "m2d2.data_snapshot"], []),
+            "experiment-default": (exp, [], []),  # what a bare link shows (GenAI unless the user switched)
         }
         for name, (url, must, must_not) in pages.items():
             png = args.out / f"{name}.png"
