@@ -91,7 +91,7 @@ def test_run_link_and_its_warning_hold_no_secret(monkeypatch: pytest.MonkeyPatch
         assert tracking.run_url("r1") is None
     assert "hunter2" not in caplog.text and "http://***@127.0.0.1:9/" in caplog.text
     monkeypatch.setattr(MlflowClient, "get_run", _found_run)
-    assert tracking.run_url("r1") == "http://***@127.0.0.1:9/#/experiments/7/runs/r1"
+    assert tracking.run_url("r1") == "http://***@127.0.0.1:9/#/experiments/7/runs/r1?workflowType=machine_learning"
 
 
 def _missing_run(self: MlflowClient, run_id: str):
