@@ -20,6 +20,7 @@ that URI carries credentials.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -284,11 +285,49 @@ def _log_batch(mlflow: MlflowClient, run_id: str, metrics: Sequence[Metric], tag
         mlflow.log_batch(run_id, metrics=chunk)
 
 
+# What a tracking call raises when the server is away: MLflow's own errors once its retries run out, and the
+# transport's (connection refused or reset, timeouts) where they surface as they are.
+_UNREACHABLE = (MlflowException, OSError, ConnectionError, TimeoutError)
+# A best-effort call does not wait out MLflow's default HTTP retries (up to minutes): training goes on, and the
+# call is retried after a backoff instead. Unless the user set their own.
+_QUICK_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+BUFFER_LIMIT = 200_000  # metric values a stage keeps for a tracking server that is away (oldest dropped first)
+GAP_TAG = "m2d2.tracking_gap"
+
+
+def _is_outage(exc: BaseException) -> bool:
+    """The server is away or failing (retry later), as opposed to refusing the request itself."""
+    if not isinstance(exc, MlflowException):
+        return True
+    return exc.error_code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED") or any(
+        word in str(exc.message) for word in ("Max retries exceeded", "Connection", "connection", "timed out"))
+
+
+@contextlib.contextmanager
+def _quick_http() -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in _QUICK_HTTP}
+    for key, value in _QUICK_HTTP.items():
+        os.environ.setdefault(key, value)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+
+
 class StageRun:
     """The child run of one pipeline stage; inert on every rank but the main one.
 
     Metrics are buffered and sent with ``log_batch`` every ``flush_every`` calls to :meth:`log_metrics` (and on
     exit), so a training loop pays one HTTP request per ``flush_every`` steps instead of one per step.
+
+    **Best effort: tracking never stops training.** A stage that starts while the server is down trains anyway and
+    keeps trying to create its run; params and tags wait for it. Metrics that cannot be sent stay buffered (at most
+    ``buffer_limit`` values; beyond, the oldest are dropped and counted) with their original steps and timestamps,
+    and go out when the server answers again; each failure backs off (1 s doubling to 5 min) before the next try,
+    and no call waits out MLflow's long HTTP retries. If the server never comes back, the stage still finishes;
+    :meth:`end` logs the gap, and records it on the run (``m2d2.tracking_gap``) once it can.
 
     Use as a context manager (FAILED if an exception escapes, which is re-raised) or call :meth:`start` and
     :meth:`end` explicitly.
@@ -301,6 +340,7 @@ class StageRun:
         params: Any = None,
         tags: Mapping[str, Any] | None = None,
         flush_every: int = 20,
+        buffer_limit: int = BUFFER_LIMIT,
     ) -> None:
         self.parent_run_id = parent_run_id
         self.stage = stage
@@ -308,87 +348,182 @@ class StageRun:
         self._params = params
         self._tags = dict(tags or {})
         self._flush_every = max(1, flush_every)
-        self._pending: list[Metric] = []
+        self._pending: collections.deque[Metric] = collections.deque()
+        self._buffer_limit = max(1, buffer_limit)
+        self._dropped = 0
+        self._deferred: list[tuple[str, tuple]] = []  # params, tags and artefacts waiting for the run
         self._calls = 0
         self._client: MlflowClient | None = None
         self._run_id: str | None = None
+        self._started = False
         self._ended = False
+        self._retry_at = 0.0
+        self._backoff = 1.0
+        self._outage_since: float | None = None
 
     @property
     def run_id(self) -> str | None:
-        """The child run id once started on the main rank; None elsewhere."""
+        """The child run id once created on the main rank; None elsewhere (or while the server is away)."""
         return self._run_id
 
+    @property
+    def dropped(self) -> int:
+        """Metric values dropped because the buffer was full while the server was away."""
+        return self._dropped
+
     def start(self) -> Self:
-        """Create the child run in the parent's experiment (main rank only; a second call is a no-op)."""
-        if not self.active or self._run_id is not None:
+        """Create the child run in the parent's experiment (main rank only; a second call is a no-op). A server
+        that does not answer does not stop the caller: the run is created at a later flush."""
+        if not self.active or self._started:
             return self
+        self._started = True
         self._client = client()
-        experiment_id = self._client.get_run(self.parent_run_id).info.experiment_id
+        self._ensure_run()
+        return self
+
+    def _ensure_run(self) -> bool:
+        if self._run_id is not None:
+            return True
+        if time.monotonic() < self._retry_at:
+            return False
         tags = {**code_version(), **self._tags, PARENT_TAG: self.parent_run_id, STAGE_TAG: self.stage,
                 KIND_TAG: "stage"}
-        run = self._client.create_run(experiment_id, tags={t.key: t.value for t in _tags(tags)}, run_name=self.stage)
-        self._run_id = run.info.run_id
+
+        def create() -> None:
+            experiment_id = self._client.get_run(self.parent_run_id).info.experiment_id
+            run = self._client.create_run(experiment_id, tags={t.key: t.value for t in _tags(tags)},
+                                          run_name=self.stage)
+            self._run_id = run.info.run_id
+
+        if not self._attempt(create, "create the run"):
+            return False
         log.info("Started MLflow run %s for stage %s (parent %s)", self._run_id, self.stage, self.parent_run_id)
         if self._params:
-            self.log_params(self._params)
-        return self
+            self._deferred.insert(0, ("params", (self._params,)))
+        self._send_deferred()
+        return True
+
+    def _attempt(self, call, what: str) -> bool:
+        """Run a tracking call; on failure note the outage and when to try again. True if it went through."""
+        try:
+            with _quick_http():
+                call()
+        except _UNREACHABLE as exc:
+            if not _is_outage(exc):
+                raise  # a request the server refused on its merits (a bad value): a bug, not an outage
+            now = time.monotonic()
+            if self._outage_since is None:
+                self._outage_since = now
+                log.warning("MLflow did not answer (%s: %s); stage %s trains on and keeps its metrics for later",
+                            what, redact_url(str(exc))[:300], self.stage)
+            self._retry_at = now + self._backoff
+            self._backoff = min(self._backoff * 2, 300.0)
+            return False
+        if self._outage_since is not None:
+            log.warning("MLflow answers again after %.0f s; stage %s sends what it kept",
+                        time.monotonic() - self._outage_since, self.stage)
+            self._outage_since = None
+        self._backoff = 1.0
+        return True
+
+    def _send(self, kind: str, args: tuple) -> None:
+        mlflow, run_id = self._client, self._run_id
+        if kind == "params":
+            _log_params(mlflow, run_id, *args)
+        elif kind == "tags":
+            _log_batch(mlflow, run_id, [], _tags(*args))
+        elif kind == "text":
+            mlflow.log_text(run_id, *args)
+        elif kind == "artifact":
+            mlflow.log_artifact(run_id, *args)
+        else:
+            mlflow.log_artifacts(run_id, *args)
+
+    def _send_deferred(self) -> None:
+        while self._deferred and self._run_id is not None:
+            kind, args = self._deferred[0]
+            if not self._attempt(functools.partial(self._send, kind, args), f"log {kind}"):
+                return
+            self._deferred.pop(0)
 
     def _live(self) -> MlflowClient | None:
         return self._client if self._run_id is not None and not self._ended else None
+
+    def _later(self, kind: str, *args: Any) -> None:
+        """Send now if the run exists and the server answers, else keep it for when it does."""
+        if not self.active or not self._started or self._ended:
+            return
+        self._deferred.append((kind, args))
+        if self._ensure_run():
+            self._send_deferred()
 
     def log_params(self, params: Any) -> None:
         """Log a (nested) mapping or dataclass as dotted-key params (stringified, truncated to 6000 chars).
 
         MLflow params are write-once: re-logging a key with a different value is an error, so log each key once.
         """
-        if (mlflow := self._live()) is not None:
-            _log_params(mlflow, self._run_id, params)
+        self._later("params", params)
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
         """Buffer one step of metrics; NaN/inf are logged as they are (MLflow stores them)."""
-        if self._live() is None:
+        if not self.active or not self._started or self._ended:
             return
         timestamp = _now_ms()
-        self._pending.extend(Metric(str(k), float(v), timestamp, int(step)) for k, v in metrics.items())
+        for k, v in metrics.items():
+            if len(self._pending) >= self._buffer_limit:
+                self._pending.popleft()
+                self._dropped += 1
+            self._pending.append(Metric(str(k), float(v), timestamp, int(step)))
         self._calls += 1
         if self._calls % self._flush_every == 0 or len(self._pending) >= METRICS_PER_BATCH:
             self.flush()
 
     def flush(self) -> None:
-        """Send buffered metrics now."""
-        if (mlflow := self._live()) is None or not self._pending:
+        """Send buffered metrics now (oldest first); what the server does not take stays buffered."""
+        if not self.active or not self._started or not self._pending or not self._ensure_run():
             return
-        pending, self._pending = self._pending, []
-        _log_batch(mlflow, self._run_id, pending)
+        self._send_deferred()
+        while self._pending:
+            chunk = [self._pending[i] for i in range(min(METRICS_PER_BATCH, len(self._pending)))]
+            if not self._attempt(lambda c=chunk: self._client.log_batch(self._run_id, metrics=c), "log metrics"):
+                return
+            for _ in chunk:
+                self._pending.popleft()
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        if (mlflow := self._live()) is not None:
-            _log_batch(mlflow, self._run_id, [], _tags(tags))
+        self._later("tags", dict(tags))
 
     def log_dict(self, obj: Any, artifact_file: str) -> None:
         """Write ``obj`` (credentials masked) as indented JSON to ``artifact_file``; dataclasses become objects,
         other types ``str``."""
-        if (mlflow := self._live()) is not None:
-            mlflow.log_text(self._run_id, json.dumps(redact(obj), indent=2, default=_json_default), artifact_file)
+        self._later("text", json.dumps(redact(obj), indent=2, default=_json_default), artifact_file)
 
     def log_artifact(self, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        if (mlflow := self._live()) is not None:
-            mlflow.log_artifact(self._run_id, os.fspath(local_path), artifact_path)
+        self._later("artifact", os.fspath(local_path), artifact_path)
 
     def log_artifacts(self, local_dir: str | os.PathLike, artifact_path: str | None = None) -> None:
-        if (mlflow := self._live()) is not None:
-            mlflow.log_artifacts(self._run_id, os.fspath(local_dir), artifact_path)
+        self._later("artifacts", os.fspath(local_dir), artifact_path)
 
     def end(self, status: str = "FINISHED") -> None:
-        """Flush pending metrics and terminate the run with ``status`` (once; later calls are no-ops)."""
-        if (mlflow := self._live()) is None:
+        """Send what is kept and terminate the run with ``status`` (once; later calls are no-ops). If the server is
+        still away, the stage ends anyway: the gap is logged (and tagged on the run if it exists by then)."""
+        if not self.active or not self._started or self._ended:
             return
-        try:
-            self.flush()
-        finally:
-            self._ended = True
-            _terminate(mlflow, self._run_id, status)
+        self._retry_at = 0.0  # one more try now, whatever the backoff says
+        self.flush()
+        self._retry_at = 0.0
+        if self._ensure_run():
+            self._send_deferred()
+        unsent = len(self._pending) + self._dropped
+        if unsent or self._deferred:
+            gap = (f"{len(self._pending)} metric values unsent, {self._dropped} dropped (buffer full), "
+                   f"{len(self._deferred)} params/tags/artefacts unsent: the tracking server was away")
+            log.warning("stage %s: %s", self.stage, gap)
+            if self._run_id is not None:
+                self._attempt(lambda: self._client.set_tag(self._run_id, GAP_TAG, gap), "record the gap")
+        self._ended = True
+        if self._run_id is not None:
+            self._attempt(lambda: _terminate(self._client, self._run_id, status), "close the run")
 
     def __enter__(self) -> Self:
         return self.start()

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -134,6 +135,26 @@ class Server:
             if time.monotonic() > deadline:
                 pytest.fail(f"mlflow server not healthy in {timeout_s:.0f}s:\n{self.log.read_text()[-3000:]}")
             time.sleep(0.25)
+
+
+def start_mlflow_server(root: Path, port: int) -> Server:
+    """``mlflow server`` (SQLite backend in ``root``, local artefact root) on ``port``, not waited for; starting it
+    again on the same root and port is a restart of the same server."""
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    cmd = [
+        str(mlflow_bin), "server",
+        "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+        "--default-artifact-root", str(root / "artifacts"),
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+    # The job runner spawns ~8 huey consumer processes that each import mlflow: twice the start-up time on 2 cores.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    log_path = root / "server.log"
+    with open(log_path, "ab") as server_log:
+        proc = subprocess.Popen(
+            cmd, cwd=root, env=env, stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    return Server(proc, f"http://127.0.0.1:{port}", log_path)
 
 
 DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK")

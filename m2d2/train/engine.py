@@ -328,7 +328,9 @@ def _train(cfg: TrainStageConfig, objective: Objective, dataset, out_dir: Path, 
     manager = CheckpointManager(checkpoint_root or str(out_dir / CHECKPOINT_DIR), keep_last=cfg.checkpoint.keep,
                                 safe_globals=optimizer_safe_globals())
     state = TrainState()
-    if (latest := manager.latest()) is not None:
+    if rank == 0:
+        manager.sweep()  # incomplete directories a killed save or prune left behind
+    if (latest := manager.latest_verified(world)) is not None:
         ckpt = manager.load(latest, rank=rank, world_size=world)
         model.load_state_dict(ckpt.model)
         _load_optimizer(optimizer, ckpt.rank_state["optimizer"], manager, latest, rank, world)

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.helpers import Server, free_port, moto_s3, stop_process_group
+from tests.helpers import Server, free_port, moto_s3, start_mlflow_server, stop_process_group
 
 
 @pytest.fixture(scope="module")
@@ -35,26 +31,11 @@ def s3():
 @pytest.fixture(scope="module")
 def server_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """Launch ``mlflow server`` (SQLite backend, local artefact root) on a free loopback port, without waiting."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    mlflow_bin = Path(sys.executable).parent / "mlflow"
-    cmd = [
-        str(mlflow_bin), "server",
-        "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-        "--default-artifact-root", str(root / "artifacts"),
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-    ]  # fmt: skip
-    # The job runner spawns ~8 huey consumer processes that each import mlflow: twice the start-up time on 2 cores.
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    log_path = root / "server.log"
-    with open(log_path, "wb") as server_log:
-        proc = subprocess.Popen(
-            cmd, cwd=root, env=env, stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    server = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), free_port())
     try:
-        yield Server(proc, f"http://127.0.0.1:{port}", log_path)
+        yield server
     finally:
-        stop_process_group(proc)
+        stop_process_group(server.proc)
 
 
 @pytest.fixture(scope="module")

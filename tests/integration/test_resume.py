@@ -44,10 +44,11 @@ def _final_state(out_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("nproc", "zero_stage", "precision"), [(1, 0, "auto"), (2, 2, "auto"), (1, 0, "bf16")])
+@pytest.mark.parametrize(("nproc", "zero_stage", "precision"), [(2, 2, "auto"), (1, 0, "bf16")])
 def test_killed_and_resumed_run_is_bitwise_identical(tmp_path, smoke_data, nproc, zero_stage, precision):
     """Two processes run under ZeRO-2: each rank's optimiser partition comes back from its own file. bf16 is the GPU
-    path (DeepSpeed's bf16 weights with fp32 masters, fp32 EMA target), run here on CPU."""
+    path (DeepSpeed's bf16 weights with fp32 masters, fp32 EMA target), run here on CPU. (One process in fp32: the
+    chaos drill below, killed at random moments.)"""
     _, features, captions = smoke_data
     overrides = {"schedule": {"max_steps": 6, "global_batch": 4}, "checkpoint": {"every": 2}, "log_every": 1,
                  "topology": {"zero_stage": zero_stage, "precision": precision}}
@@ -102,3 +103,52 @@ def test_stage2_and_stage11_resume_is_bitwise_identical(tmp_path, smoke_data, st
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = _final_state(tmp_path / "straight"), _final_state(tmp_path / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a) and any(k.startswith(trained) for k in a)
+
+
+@pytest.mark.slow
+def test_chaos_sigkills_at_random_moments_change_nothing(tmp_path, smoke_data):
+    """The drill: a smoke stage with a checkpoint every step, SIGKILLed 10 times at seeded random wall-clock
+    moments (start-up, mid-step, mid-save, mid-prune), restarted after each, ends with final weights and export
+    bitwise equal to an uninterrupted run's, no temporary files and no incomplete checkpoint directory."""
+    import os
+    import random
+    import signal
+
+    _, features, captions = smoke_data
+    overrides = {"schedule": {"max_steps": 24, "global_batch": 4}, "checkpoint": {"every": 1, "keep": 2},
+                 "log_every": 1}
+    straight = _train("stage1", features, captions, tmp_path / "straight", overrides)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    out = tmp_path / "chaos"
+    args = [sys.executable, "-m", SCRIPT, "stage1", str(features), str(captions), str(out), json.dumps(overrides)]
+    env = subprocess_env(OMP_NUM_THREADS="1")
+    rng = random.Random(20261206)
+    kills, finished, log = 0, None, []
+    while finished is None:
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        if kills < 10:
+            delay = rng.uniform(2.5, 7.0)  # imports take ~3 s: most kills land in training, some in start-up
+            try:
+                proc.wait(timeout=delay)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                kills += 1
+                done = sorted(p.name for p in (out / "checkpoints").glob("step-*")) if out.exists() else []
+                log.append(f"kill {kills} at {delay:.2f} s: {done}")
+                continue
+        else:
+            proc.wait(timeout=300)
+        output = proc.stdout.read().decode()
+        assert proc.returncode == 0, "\n".join(log) + output[-3000:]
+        finished = output
+    assert kills == 10, log
+    print("\n".join(log))  # where each kill landed (pytest -s shows it)
+    a, b = _final_state(tmp_path / "straight"), _final_state(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    exported_a = (tmp_path / "straight" / "model" / "model.safetensors").read_bytes()
+    assert (out / "model" / "model.safetensors").read_bytes() == exported_a  # the export, byte for byte
+    assert not [p for p in out.rglob("*.tmp")], "temporary files left behind"
+    steps = sorted((out / "checkpoints").glob("step-*"))
+    assert steps and all((p / "COMPLETE").is_file() for p in steps), [p.name for p in steps]

@@ -222,3 +222,64 @@ def test_record_cache_hits(uri: str) -> None:
     assert tags["m2d2.stage2.source_run"] == stage2_run
     assert tags["m2d2.stage2.cache_hit"] == "false"
     assert "m2d2.evaluate.cache_hit" not in tags
+
+
+def test_a_tracking_outage_neither_stops_a_stage_nor_loses_its_history(tmp_path, monkeypatch, caplog):
+    """A real ``mlflow server`` stopped mid-stage and restarted (same port, same database): the stage logs on
+    without errors, a stage that starts during the outage trains anyway, and afterwards both runs hold their full
+    metric history with the original steps and timestamps."""
+    import time
+
+    from tests.helpers import free_port, start_mlflow_server, stop_process_group
+
+    port = free_port()
+    server = start_mlflow_server(tmp_path, port)
+    server.wait_healthy()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    monkeypatch.delenv("RANK", raising=False)
+    parent = tracking.start_pipeline_run("outage-drill", experiment="outage")
+    first = StageRun(parent, "stage1", params={"lr": 0.1}, flush_every=5).start()
+    stamps = {}
+    for step in range(10):
+        first.log_metrics({"loss": 1.0 / (step + 1)}, step)
+    stop_process_group(server.proc)  # the server goes away mid-stage
+    outage = int(time.time() * 1000)  # MLflow timestamps are whole milliseconds
+    with caplog.at_level("WARNING"):
+        for step in range(10, 30):
+            first.log_metrics({"loss": 1.0 / (step + 1)}, step)  # flushes fail, quickly; nothing raises
+            stamps[step] = time.time() * 1000
+        second = StageRun(parent, "stage2", params={"lr": 0.2}, flush_every=5).start()  # starts during it
+        for step in range(8):
+            second.log_metrics({"loss": 2.0 / (step + 1)}, step)
+    assert second.run_id is None and "trains on and keeps its metrics" in caplog.text
+    server = start_mlflow_server(tmp_path, port)  # back, with the same database
+    server.wait_healthy()
+    try:
+        for step in range(30, 35):
+            first.log_metrics({"loss": 1.0 / (step + 1)}, step)
+        first.end()
+        second.end()
+        client = MlflowClient(server.url)
+        history = client.get_metric_history(first.run_id, "loss")
+        assert sorted(m.step for m in history) == list(range(35))  # every step, none twice
+        during = [m for m in history if 10 <= m.step < 30]
+        assert all(outage <= m.timestamp <= stamps[m.step] for m in during)  # logged when they happened
+        assert [m.step for m in sorted(client.get_metric_history(second.run_id, "loss"), key=lambda m: m.step)] == \
+            list(range(8))
+        assert client.get_run(second.run_id).data.params == {"lr": "0.2"}  # its params waited for its run
+        assert client.get_run(first.run_id).info.status == "FINISHED"
+        assert tracking.GAP_TAG not in client.get_run(first.run_id).data.tags
+    finally:
+        stop_process_group(server.proc)
+
+
+def test_a_server_that_never_comes_back_does_not_stop_the_stage(monkeypatch, caplog):
+    from tests.helpers import free_port
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.delenv("RANK", raising=False)
+    with caplog.at_level("WARNING"), StageRun("no-such-parent", "stage1", flush_every=2, buffer_limit=5) as run:
+        for step in range(6):
+            run.log_metrics({"loss": 1.0, "lr": 0.1}, step)
+    assert run.run_id is None and run.dropped == 7  # 12 values, 5 kept: the oldest 7 dropped and counted
+    assert "5 metric values unsent, 7 dropped" in caplog.text

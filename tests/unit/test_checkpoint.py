@@ -43,3 +43,66 @@ def test_local_round_trip_keep_last_and_incomplete_steps(tmp_path):
     assert manager.latest() == 30
     with pytest.raises(FileNotFoundError):
         CheckpointManager(str(tmp_path / "empty")).load()
+
+
+def test_orphaned_directories_are_swept_and_a_kill_while_pruning_leaves_nothing_behind(tmp_path):
+    root = tmp_path / "ckpt"
+    manager = CheckpointManager(str(root), keep_last=2)
+    for step in (10, 20):
+        manager.save(step, *_state(step), {"train_state": {"step": step}})
+    # a kill mid-prune: the marker of step 5 is gone, its files are not; a kill mid-save of step 13; a newer
+    # half-written step 40 (the next save of step 40 overwrites it, so it stays)
+    for step, files in ((5, ["model.safetensors"]), (13, ["rank-00000.pt"]), (40, ["rank-00000.pt"])):
+        (root / f"step-{step:09d}").mkdir()
+        for name in files:
+            (root / f"step-{step:09d}" / name).write_bytes(b"orphan")
+    assert manager.sweep() == [5, 13]
+    assert sorted(p.name for p in root.iterdir()) == ["step-000000010", "step-000000020", "step-000000040"]
+    (root / "step-000000015").mkdir()  # and after every save, too
+    manager.save(30, *_state(30), {"train_state": {"step": 30}})
+    assert sorted(p.name for p in root.iterdir()) == ["step-000000020", "step-000000030", "step-000000040"]
+    assert not list(root.rglob("*.tmp*"))  # atomic writes leave no temporary files
+
+
+def test_damaged_bytes_after_the_commit_are_not_trusted(tmp_path, caplog):
+    from m2d2.train.checkpoint import CheckpointCorruptError
+
+    manager = CheckpointManager(str(tmp_path / "ckpt"), keep_last=3)
+    for step in (10, 20):
+        manager.save(step, *_state(step), {"train_state": {"step": step}})
+    weights = tmp_path / "ckpt" / "step-000000020" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # one flipped bit in a tensor: still a valid safetensors file
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointCorruptError, match="model.safetensors"):
+        manager.load(20)
+    with caplog.at_level("WARNING"):
+        assert manager.latest_verified() == 10  # falls back to the previous complete checkpoint
+    assert "step 20 is damaged" in caplog.text
+    assert manager.load(10).step == 10
+    rank_file = tmp_path / "ckpt" / "step-000000010" / "rank-00000.pt"
+    rank_file.write_bytes(rank_file.read_bytes()[:-5])  # truncated
+    assert manager.latest_verified() is None
+
+
+def test_a_full_disk_fails_the_save_clearly_and_keeps_the_previous_checkpoint(tmp_path):
+    """A 1-MiB tmpfs holds one small checkpoint; the next, bigger save runs out of space."""
+    import subprocess
+
+    from m2d2.train.checkpoint import CheckpointWriteError
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root); the disk-full drill runs where it can")
+    try:
+        manager = CheckpointManager(str(mount / "ckpt"), keep_last=3)
+        small = {"w": torch.zeros(16)}
+        manager.save(1, small, {"rng": torch.zeros(4)}, {"train_state": {"step": 1}})
+        big = {"w": torch.zeros(400_000)}  # 1.6 MB
+        with pytest.raises(CheckpointWriteError, match="step 2 could not be written.*previous checkpoint \\(step 1\\)"):
+            manager.save(2, big, {"rng": torch.zeros(4)}, {"train_state": {"step": 2}})
+        assert manager.complete_steps() == [1] and not (mount / "ckpt" / "step-000000002").exists()
+        assert torch.equal(manager.load().model["w"], small["w"])
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
