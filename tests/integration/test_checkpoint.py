@@ -3,6 +3,7 @@ tests/unit/test_checkpoint.py against it."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -31,7 +32,12 @@ def test_s3_round_trip_against_a_real_s3_api(s3_bucket, monkeypatch):
         _round_trip("s3://m2d2-ckpt/runs/run-key-1/stage1")
         fs = fsspec.filesystem("s3", skip_instance_cache=True)
         marker = json.loads(fs.cat(f"m2d2-ckpt/runs/run-key-1/stage1/step-000000030/{COMPLETE}"))
-        assert marker == {"world_size": 1}
+        # the marker lists every file with its sha256 and size: loading checks them
+        assert marker["world_size"] == 1 and set(marker["files"]) == {"model.safetensors", "meta.json",
+                                                                       "rank-00000.pt"}
+        data = fs.cat("m2d2-ckpt/runs/run-key-1/stage1/step-000000030/model.safetensors")
+        assert marker["files"]["model.safetensors"] == {"sha256": hashlib.sha256(data).hexdigest(),
+                                                        "bytes": len(data)}
         assert not fs.exists("m2d2-ckpt/runs/run-key-1/stage1/step-000000010")
     finally:
         fsspec.config.conf.pop("s3", None)
