@@ -23,9 +23,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 
-# Both tiers (tests/unit, tests/integration: pyproject's testpaths = ["tests"]), after the lint.
+# Both tiers (tests/unit, tests/integration: pyproject's testpaths = ["tests"]), after the lint, on one worker per
+# core (pytest-xdist, at most 4; whole files per worker, so a module's server or smoke data is built once).
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --numprocesses=auto --maxprocesses=4 --dist loadfile
 
 # The unit tier alone (in-process, no subprocesses or servers; <= 3 min on 2 cores): the quick loop while editing.
 test-fast: $(STAMP)

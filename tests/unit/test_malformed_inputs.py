@@ -213,6 +213,13 @@ def test_resume_reports_damaged_weights_and_refuses_pickled_code(tmp_path):
 
     intact = (step_dir / "model.safetensors").read_bytes()
     (step_dir / "model.safetensors").write_bytes(intact[:-3])
+    from m2d2.train.checkpoint import CheckpointCorruptError
+
+    with pytest.raises(CheckpointCorruptError, match="model.safetensors"):  # the commit marker's digest, first
+        manager.load()
+    # A checkpoint written before markers recorded digests: the readers' own checks still refuse bad bytes.
+    marker_file = step_dir / "COMPLETE"
+    marker_file.write_text(json.dumps({"world_size": 1}))
     with pytest.raises(CheckpointFormatError,
                        match=rf"^{re.escape(str(step_dir / 'model.safetensors'))}: not a valid safetensors file \("):
         manager.load()
