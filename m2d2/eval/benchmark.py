@@ -138,7 +138,6 @@ class BenchmarkResult:
 
     def rows(self) -> list[dict[str, object]]:
         """The table, one row per (task, metric): the measured value per model and the paper's where it exists."""
-        models = list(dict.fromkeys(r.model for r in self.results))
         table: dict[tuple[str, str], dict[str, object]] = {}
         for r in self.results:
             for key, value in r.metrics.items():
@@ -152,8 +151,6 @@ class BenchmarkResult:
                 reference = paper_value(r.task, key, r.model)
                 if reference is not None:
                     row[f"{r.model} paper"] = reference
-        for row in table.values():
-            row["models"] = models
         return list(table.values())
 
     def write(self, out_dir: str | Path) -> Path:
