@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -484,7 +485,7 @@ class StageRun:
             return
         self._send_deferred()
         while self._pending:
-            chunk = [self._pending[i] for i in range(min(METRICS_PER_BATCH, len(self._pending)))]
+            chunk = list(itertools.islice(self._pending, METRICS_PER_BATCH))
             if not self._attempt(lambda c=chunk: self._client.log_batch(self._run_id, metrics=c), "log metrics"):
                 return
             for _ in chunk:

@@ -16,7 +16,8 @@ same model reads them back. The protocols, as the paper applies them (Section IV
 - ``retrieval``: every caption of a clip is a query; R@1/5/10 and mAP@10 in both directions (Table VIII);
 - ``tagging``: a fine-tuned tagger's (stage 1.1's) chunk-averaged logits, macro mAP over the classes.
 
-A clip whose audio cannot be decoded is left out of that task and listed with its reason (``skipped.csv``).
+A clip whose audio cannot be decoded is left out of that task and counted by reason (each result's ``skipped``,
+in ``suite_results.json``); a task no given model can be scored on is left out with a warning.
 """
 
 from __future__ import annotations
@@ -220,8 +221,6 @@ def _cell(value: object) -> str:
         return ""
     if isinstance(value, float):
         return f"{value:.6g}"
-    if isinstance(value, list):
-        return ";".join(map(str, value))
     return str(value)
 
 
@@ -373,12 +372,10 @@ def _encode_pass(data: TaskData, indices: list[int], samples: int, seed: int, fr
     return out
 
 
-def _cache_path(cache_dir: str | Path | None, task: str, model, clip_key: str) -> Path | None:
+def _cache_path(cache_dir: str | Path | None, task: str, fingerprint: str, clip_key: str) -> Path | None:
     if cache_dir is None:
         return None
-    from m2d2.inference import Embedder
-
-    return Path(cache_dir) / task / f"{Embedder(model).audio_fingerprint()[:20]}-{clip_key[:20]}.npz"
+    return Path(cache_dir) / task / f"{fingerprint[:20]}-{clip_key[:20]}.npz"
 
 
 def _read_cache(path: Path | None):
@@ -413,18 +410,27 @@ def run_benchmark(
         raise ValueError("the models must share one log-mel front end (and at least one must be given); "
                          "evaluate models with different front ends in separate runs")
     front = next(iter(fronts.values()))
+    fingerprints = {}  # every weight of each model hashed once, not once per task
+    if cache_dir is not None:
+        from m2d2.inference import Embedder
+
+        fingerprints = {m.name: Embedder(m.model).audio_fingerprint() for m in models if m.model is not None}
     results: list[TaskResult] = []
     titles, task_seconds = {}, {}
     for task, data in tqdm(tasks, desc="suite", unit="task", disable=not progress):
+        wanted = {m.name: [p for p in task.protocols if p in m.protocols()] for m in models}
+        if not any(wanted.values()):
+            log.warning("%s: none of the models can be scored by its protocols (%s); left out", task.name,
+                        ", ".join(task.protocols))
+            continue
         started = time.perf_counter()
         titles[task.name] = task.title
         indices = _selected(data, settings.max_clips)
         samples = _clip_length(data, indices, task.duration_s, front.frontend.config.sample_rate)
         clip_key = _digest(BENCHMARK_PROTOCOL, task.name, samples, settings.seed, [data.audio[i] for i in indices])
-        wanted = {m.name: [p for p in task.protocols if p in m.protocols()] for m in models}
         featured = [m for m in models if set(wanted[m.name]) - {TAGGING}]
         tagging = [m for m in models if TAGGING in wanted[m.name]]
-        paths = {m.name: _cache_path(cache_dir, task.name, m.model, clip_key) for m in featured}
+        paths = {m.name: _cache_path(cache_dir, task.name, fingerprints.get(m.name, ""), clip_key) for m in featured}
         cached = {m.name: _read_cache(paths[m.name]) for m in featured}
         missing = [m for m in featured if cached[m.name] is None]
         done = _encode_pass(data, indices, samples, settings.seed, front, missing, tagging, progress) \

@@ -180,9 +180,10 @@ def _log_figures(run_id: str, variant: str, report_dir: Path) -> None:
 
     from m2d2.tracking import client
 
+    mlflow = client()
     for png in sorted(Path(report_dir).glob("*.png")):
         with Image.open(png) as image:
-            client().log_image(run_id, np.asarray(image.convert("RGB")), key=f"{variant}/{png.stem}", step=0)
+            mlflow.log_image(run_id, np.asarray(image.convert("RGB")), key=f"{variant}/{png.stem}", step=0)
 
 
 def _log_table(run_id: str, result: BenchmarkResult) -> None:

@@ -123,18 +123,18 @@ class CheckpointManager:
         steps = self.complete_steps()
         return steps[-1] if steps else None
 
-    def latest_verified(self, world_size: int = 1) -> int | None:
+    def latest_verified(self) -> int | None:
         """The newest complete checkpoint whose every file matches its marker; a damaged one is skipped with a
         warning (every rank reads the same bytes, so every rank picks the same step)."""
         for step in reversed(self.complete_steps()):
             try:
-                self.verify(step, world_size)
+                self.verify(step)
                 return step
             except (CheckpointCorruptError, FileNotFoundError) as exc:
                 log.warning("checkpoint step %d is damaged, falling back to an older one: %s", step, exc)
         return None
 
-    def verify(self, step: int, world_size: int = 1) -> None:
+    def verify(self, step: int) -> None:
         """Check every file the marker of ``step`` lists (markers of older versions list none: nothing to check)."""
         for name in self._marker(step).get("files", {}):
             self._read(step, name)

@@ -330,7 +330,7 @@ def _train(cfg: TrainStageConfig, objective: Objective, dataset, out_dir: Path, 
     state = TrainState()
     if rank == 0:
         manager.sweep()  # incomplete directories a killed save or prune left behind
-    if (latest := manager.latest_verified(world)) is not None:
+    if (latest := manager.latest_verified()) is not None:
         ckpt = manager.load(latest, rank=rank, world_size=world)
         model.load_state_dict(ckpt.model)
         _load_optimizer(optimizer, ckpt.rank_state["optimizer"], manager, latest, rank, world)

@@ -129,6 +129,15 @@ def test_runner_scores_every_protocol_caches_features_and_lists_undecodable_clip
     assert second.results[0].metrics == result.metrics and second.results[0].skipped == {"corrupt": 1}
 
 
+def test_a_task_no_model_can_be_scored_on_is_left_out(clap_model, tone_task, caplog):
+    """A retrieval-only task and a model without its CLAP side: nothing to compute, the task is left out."""
+    task = Task("tones", "Tones", (RETRIEVAL,), 0.5, lambda root: tone_task)
+    with caplog.at_level("WARNING"):
+        out = run_benchmark([EvalModel("encoder-only", clap_model, clap=False)], [(task, tone_task)],
+                            progress=False)
+    assert out.results == [] and out.task_seconds == {} and "left out" in caplog.text
+
+
 def test_tagging_export_round_trip_and_tagging_protocol(tmp_path, tone_task):
     from m2d2.eval.tagging import chunked_logits, load_tagger
     from m2d2.models.tagger import FineTuneModel
