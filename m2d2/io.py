@@ -3,6 +3,13 @@
 A local write goes to a temporary file in the same directory and is renamed into place, so a crash never
 leaves a half-written file under the final name. An object-store PUT is already all-or-nothing.
 
+**Transient faults.** Object stores answer 500s, throttle (503 SlowDown) and drop connections. The SDK retries a
+request a few times (botocore, s3fs); every remote operation here is also wrapped in :func:`retrying`, which
+retries the whole operation with exponential backoff and full jitter (:class:`RetryPolicy`, tunable with
+``M2D2_STORAGE_ATTEMPTS``, ``M2D2_STORAGE_BACKOFF_S``, ``M2D2_STORAGE_BACKOFF_CAP_S``). Each operation is
+all-or-nothing, so a retry never commits a partial object. What still fails becomes :class:`StorageError`: it
+names the URI and is recoverable (run the step again).
+
 Names that come from outside (object keys listed in a bucket, ``audio_uri`` values of a manifest, run keys,
 cache keys) become paths only through :func:`confine` and :func:`check_token`: object stores return keys
 un-normalised (``model/../../../tmp/x`` is a valid S3 key), so a name is checked part by part before it is
@@ -11,18 +18,27 @@ joined onto the root it belongs to.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fnmatch
 import importlib
 import logging
 import os
+import random
 import re
 import tempfile
-from collections.abc import Iterable
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import fsspec
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class UnsafePathError(ValueError):
@@ -112,6 +128,133 @@ def join(base: str | os.PathLike, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
 
 
+# ---------------------------------------------------------------------------------------------- transient faults
+class StorageError(OSError):
+    """An object-store operation that still failed after every retry (the store down, or throttling for longer
+    than the backoff waits).
+
+    Recoverable: every write is all-or-nothing, so nothing partial was committed and running the step again is
+    safe; the training engine and the Flyte tasks turn it into a retry of the task. ``uri`` names the object.
+    """
+
+    def __init__(self, uri: str, what: str, attempts: int, elapsed_s: float, cause: BaseException):
+        super().__init__(f"{uri}: {what} failed {attempts} times over {elapsed_s:.1f} s (last: "
+                         f"{type(cause).__name__}: {cause}); nothing partial was committed, run the step again once "
+                         "the store answers")
+        self.uri, self.what, self.attempts = uri, what, attempts
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """``attempts`` tries of one operation in all; before retry ``n`` (1, 2, ...) a wait drawn uniformly from
+    ``[0, min(cap_s, base_s * 2**(n-1))]`` ("full jitter": clients that failed together do not retry together).
+
+    The default waits up to about a minute in all before giving up, on top of the SDK's own retries of each request.
+    """
+
+    attempts: int = 8
+    base_s: float = 0.5
+    cap_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.base_s < 0 or self.cap_s < 0:
+            raise ValueError(f"invalid retry policy {self}: attempts >= 1 and non-negative waits")
+
+    @classmethod
+    def from_env(cls) -> RetryPolicy:
+        """The default policy, with ``M2D2_STORAGE_ATTEMPTS``, ``M2D2_STORAGE_BACKOFF_S`` and
+        ``M2D2_STORAGE_BACKOFF_CAP_S`` applied (read at each call, so a launcher's environment reaches every rank)."""
+        default = cls()
+        try:
+            return cls(int(os.environ.get("M2D2_STORAGE_ATTEMPTS", default.attempts)),
+                       float(os.environ.get("M2D2_STORAGE_BACKOFF_S", default.base_s)),
+                       float(os.environ.get("M2D2_STORAGE_BACKOFF_CAP_S", default.cap_s)))
+        except ValueError as exc:
+            raise ValueError(f"M2D2_STORAGE_ATTEMPTS / M2D2_STORAGE_BACKOFF_S / M2D2_STORAGE_BACKOFF_CAP_S: {exc}") from None
+
+    def wait(self, retry: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait before retry number ``retry`` (1-based)."""
+        return (rng or random).uniform(0.0, min(self.cap_s, self.base_s * 2 ** (retry - 1)))
+
+
+#: errnos of object-store answers that retrying cannot change (a malformed request, a name too long, no access).
+_PERMANENT_ERRNOS = frozenset({errno.EINVAL, errno.ENAMETOOLONG, errno.EMSGSIZE, errno.ENOSYS, errno.EPERM,
+                               errno.EACCES, errno.ENOSPC, errno.EROFS, errno.EEXIST})
+_THROTTLING_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+                               "TooManyRequestsException", "RequestTimeout", "ServiceUnavailable", "InternalError"})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when retrying the operation that raised ``exc`` may succeed: a 5xx or throttling answer, a reset or
+    refused connection, a timeout, a truncated body. A missing object, a refusal, a bad request, our own
+    :class:`StorageError` and every non-I/O error are not."""
+    if isinstance(exc, (StorageError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+                        FileExistsError, UnsafePathError)):
+        return False
+    if isinstance(exc, OSError):  # s3fs's translation of 5xx/throttling answers, sockets, TimeoutError
+        return exc.errno not in _PERMANENT_ERRNOS
+    try:
+        from botocore import exceptions as boto
+    except ImportError:  # pragma: no cover - s3fs brings botocore
+        boto = None
+    if boto is not None:
+        if isinstance(exc, (boto.HTTPClientError, boto.ResponseStreamingError, boto.IncompleteReadError)):
+            return True  # reset / closed / refused connections, read timeouts, truncated bodies
+        if isinstance(exc, boto.ClientError):
+            meta = exc.response.get("ResponseMetadata", {})
+            return (int(meta.get("HTTPStatusCode") or 0) >= 500
+                    or exc.response.get("Error", {}).get("Code") in _THROTTLING_CODES)
+    try:
+        import aiohttp
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError))
+
+
+_RETRIES: Counter[str] = Counter()
+_RETRIES_LOCK = threading.Lock()
+
+
+def retry_counts() -> dict[str, int]:
+    """Object-store operations of this process that were retried (``retried``: one per retry) and that failed for
+    good (``failed``): for drills and logs."""
+    with _RETRIES_LOCK:
+        return {"retried": _RETRIES["retried"], "failed": _RETRIES["failed"]}
+
+
+def _count(what: str) -> None:
+    with _RETRIES_LOCK:
+        _RETRIES[what] += 1
+
+
+def retrying(operation: Callable[[], T], uri: str | os.PathLike, what: str, policy: RetryPolicy | None = None) -> T:
+    """``operation()`` for the object ``uri``, retried while it fails with a transient error (:func:`is_transient`)
+    under ``policy`` (default :meth:`RetryPolicy.from_env`); a local path runs it once.
+
+    ``operation`` must be safe to repeat: a whole PUT, a whole GET, a listing, a delete. What still fails after the
+    last attempt raises :class:`StorageError` naming ``uri`` and ``what``.
+    """
+    if is_local(uri):
+        return operation()
+    policy = policy or RetryPolicy.from_env()
+    started = time.monotonic()
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            return operation()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            if attempt == policy.attempts:
+                _count("failed")
+                raise StorageError(str(uri), what, attempt, time.monotonic() - started, exc) from exc
+            wait = policy.wait(attempt)
+            _count("retried")
+            log.warning("%s: %s failed (%s: %s); retry %d of %d in %.2f s", uri, what, type(exc).__name__,
+                        str(exc)[:200], attempt, policy.attempts - 1, wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def atomic_write_bytes(uri: str | os.PathLike, data: bytes | bytearray) -> None:
     if is_local(uri):
         path = local_path(uri)
@@ -128,21 +271,63 @@ def atomic_write_bytes(uri: str | os.PathLike, data: bytes | bytearray) -> None:
             raise
     else:  # one PUT, or a multipart upload that is aborted on error: never a partial object
         fs, path = fsspec.core.url_to_fs(str(uri))
-        fs.pipe_file(path, data)
+        retrying(lambda: fs.pipe_file(path, data), uri, "write")
+
+
+def upload_file(local: str | os.PathLike, uri: str) -> None:
+    """Copy the local file ``local`` to the object ``uri`` (one PUT or an aborted-on-error multipart upload)."""
+    fs, path = fsspec.core.url_to_fs(str(uri))
+    retrying(lambda: fs.put_file(str(local), path), uri, "upload")
+    fs.invalidate_cache(path)
 
 
 def read_bytes(uri: str | os.PathLike) -> bytes:
     if is_local(uri):
         return local_path(uri).read_bytes()
-    with fsspec.open(str(uri), "rb") as handle:
-        return handle.read()
+    fs, path = fsspec.core.url_to_fs(str(uri))
+    return retrying(lambda: fs.cat_file(path), uri, "read")
 
 
 def exists(uri: str | os.PathLike) -> bool:
     if is_local(uri):
         return local_path(uri).exists()
     fs, path = fsspec.core.url_to_fs(str(uri))
-    return fs.exists(path)
+    return retrying(lambda: fs.exists(path), uri, "check existence")
+
+
+def remove(uri: str | os.PathLike) -> None:
+    """Remove one file or object if it exists."""
+    if is_local(uri):
+        local_path(uri).unlink(missing_ok=True)
+        return
+    fs, path = fsspec.core.url_to_fs(str(uri))
+
+    def rm() -> None:
+        if fs.exists(path):
+            fs.rm_file(path)
+
+    retrying(rm, uri, "delete")
+    fs.invalidate_cache(path)
+
+
+def remove_tree(uri: str | os.PathLike) -> None:
+    """Remove a folder (local or object prefix) and everything under it, if it exists."""
+    if is_local(uri):
+        import shutil
+
+        shutil.rmtree(local_path(uri), ignore_errors=True)
+        return
+    fs, path = fsspec.core.url_to_fs(str(uri))
+
+    def rm() -> None:
+        fs.invalidate_cache(path)
+        # FileNotFoundError: an earlier attempt removed it and its answer was lost on the way back
+        with contextlib.suppress(FileNotFoundError):
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+
+    retrying(rm, uri, "delete folder")
+    fs.invalidate_cache(path)
 
 
 def upload_dir(local_dir: str | os.PathLike, uri: str, last: str | None = None) -> None:
@@ -168,7 +353,7 @@ def download_dir(uri: str, local_dir: str | os.PathLike, include: Iterable[str] 
     root = root.rstrip("/")
     target = Path(local_dir)
     plan, skipped = [], []
-    for remote in fs.find(root):
+    for remote in retrying(lambda: fs.find(root), uri, "list"):
         if not remote.startswith(root + "/"):
             raise UnsafePathError(f"{uri}: the store listed {remote!r}, which is not under the prefix")
         rel = "/".join(safe_parts(remote[len(root) + 1 :], f"object key under {uri}"))
@@ -181,7 +366,7 @@ def download_dir(uri: str, local_dir: str | os.PathLike, include: Iterable[str] 
                     ", ".join(skipped[:10]))
     for remote, dest in plan:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fs.get(remote, str(dest))
+        retrying(lambda remote=remote, dest=dest: fs.get(remote, str(dest)), fs.unstrip_protocol(remote), "download")
     return target
 
 
@@ -235,7 +420,7 @@ def size(uri: str | os.PathLike) -> int:
     if is_local(uri):
         return local_path(uri).stat().st_size
     fs, path = fsspec.core.url_to_fs(str(uri))
-    return int(fs.size(path))
+    return int(retrying(lambda: fs.size(path), uri, "stat"))
 
 
 def open_binary(uri: str | os.PathLike):
@@ -255,6 +440,10 @@ def read_limited(uri: str | os.PathLike, max_bytes: int | None) -> tuple[bytes, 
         FileNotFoundError: no such file; other ``OSError``: unreadable.
         FileTooLargeError: over ``max_bytes``.
     """
+    return retrying(lambda: _read_limited(uri, max_bytes), uri, "read")
+
+
+def _read_limited(uri: str | os.PathLike, max_bytes: int | None) -> tuple[bytes, str]:
     import hashlib
 
     total = size(uri)
@@ -275,6 +464,10 @@ def sha256_limited(uri: str | os.PathLike, max_bytes: int | None, block_size: in
 
     Same limit and errors as :func:`read_limited`.
     """
+    return retrying(lambda: _sha256_limited(uri, max_bytes, block_size), uri, "read")
+
+
+def _sha256_limited(uri: str | os.PathLike, max_bytes: int | None, block_size: int) -> tuple[str, int]:
     import hashlib
 
     total = size(uri)

@@ -7,8 +7,8 @@ URI and the shard's number), builds the shard's files and commits them; a finish
 A shard's files live in one folder (local or ``s3://``) and share a stem: ``<root>/<name>.<suffix>`` for its
 outputs and ``<root>/<name>.done.json`` for its commit marker. :func:`build` is the commit protocol:
 
-1. a marker that vouches for the shard (same fingerprint, every listed file present with its recorded size) means
-   the shard is committed: nothing is built;
+1. a marker that vouches for the shard (same fingerprint, every listed file present with its recorded size; in a
+   local folder also with its recorded sha256) means the shard is committed: nothing is built;
 2. otherwise the marker is deleted first, so a stale one can never vouch for new bytes;
 3. every output is written all-or-nothing (local: a temporary name in the same folder, fsync, rename; ``s3://``:
    one PUT, or a multipart upload that is aborted on error), its sha256 and size recorded;
@@ -16,6 +16,15 @@ outputs and ``<root>/<name>.done.json`` for its commit marker. :func:`build` is 
 
 A crash anywhere leaves at most invisible files, and a re-run rebuilds exactly the shards without a valid marker.
 sha256 is the one content hash; :func:`npy_header` is the one ``.npy`` header writer of both jobs.
+
+**Damage after the commit** (a bad disk, a truncated copy) is not trusted: readers check the sha256 they use and
+raise :class:`ShardCorruptError`, and a build re-hashes a local shard's outputs before it believes its marker, so
+running the build again rebuilds exactly the damaged shards. (Objects in a store are checked by size here; S3
+guards the bytes of a stored object itself, and every reader verifies the sha256 of what it downloads.)
+
+**No orphans.** Once every shard of a plan is committed, :func:`sweep` removes from the shard folder whatever no
+marker of the plan lists: temporary files of killed writes, the files of shards an earlier plan had and this one
+does not, markers of other plans, and (``s3://``) multipart uploads that were never completed.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import contextlib
 import hashlib
 import io as _io
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -37,8 +47,14 @@ import numpy as np
 
 from m2d2 import io
 
+log = logging.getLogger(__name__)
+
 PROTOCOL = "m2d2-shard/1"
 MARKER = "done.json"  # suffix of a shard's commit marker
+
+
+class ShardCorruptError(ValueError):
+    """A committed shard file whose bytes no longer match the sha256 its commit marker recorded."""
 
 
 @dataclass(frozen=True)
@@ -88,30 +104,6 @@ class Shard:
 def _put(uri: str, data: bytes | bytearray | memoryview) -> None:
     """All-or-nothing write of one file (see :func:`m2d2.io.atomic_write_bytes`)."""
     io.atomic_write_bytes(uri, data)
-
-
-def delete(uri: str) -> None:
-    """Remove one file or object if it exists."""
-    if io.is_local(uri):
-        io.local_path(uri).unlink(missing_ok=True)
-        return
-    fs, path = fsspec.core.url_to_fs(uri)
-    if fs.exists(path):
-        fs.rm_file(path)
-    fs.invalidate_cache(path)
-
-
-def delete_tree(uri: str) -> None:
-    """Remove a folder (local or object prefix) and everything under it, if it exists."""
-    if io.is_local(uri):
-        import shutil
-
-        shutil.rmtree(io.local_path(uri), ignore_errors=True)
-        return
-    fs, path = fsspec.core.url_to_fs(uri)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
-    fs.invalidate_cache(path)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -186,9 +178,7 @@ class ShardWriter:
             if local:
                 os.replace(tmp, path)
             else:
-                fs, remote = fsspec.core.url_to_fs(target)
-                fs.put_file(tmp, remote)
-                fs.invalidate_cache(remote)
+                io.upload_file(tmp, target)
         finally:
             Path(tmp).unlink(missing_ok=True)
         self.files[suffix] = {"sha256": sink.sha256, "bytes": sink.bytes}
@@ -216,6 +206,26 @@ def read_marker(shard: Shard, check_files: bool = True) -> dict[str, Any] | None
             except FileNotFoundError:
                 return None
     return marker
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a local file, read in blocks (hashing releases the GIL: threads hash files side by side)."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def damaged_files(shard: Shard, marker: dict[str, Any]) -> list[str]:
+    """The outputs of ``shard`` (suffixes) whose sha256 differs from what ``marker`` recorded (reads every byte)."""
+    damaged = []
+    for suffix, meta in sorted(marker["files"].items()):
+        uri = shard.uri(suffix)
+        try:
+            digest = file_sha256(io.local_path(uri)) if io.is_local(uri) else io.sha256_limited(uri, None)[0]
+        except FileNotFoundError:
+            digest = None
+        if digest != meta["sha256"]:
+            damaged.append(suffix)
+    return damaged
 
 
 def is_committed(shard: Shard) -> bool:
@@ -261,8 +271,12 @@ def build(shard: Shard, make: Callable[[ShardWriter], dict[str, Any]]) -> Built:
     """
     marker = read_marker(shard)
     if marker is not None:
-        return Built(marker, built=False)
-    delete(shard.marker_uri)  # a stale marker is gone before any output is rewritten
+        damaged = damaged_files(shard, marker) if io.is_local(shard.root) else []
+        if not damaged:
+            return Built(marker, built=False)
+        log.warning("shard %s in %s is committed but its %s no longer match(es) the recorded sha256: rebuilding it",
+                    shard.name, shard.root, ", ".join(damaged))
+    io.remove(shard.marker_uri)  # a stale marker is gone before any output is rewritten
     _clear_temps(shard)
     writer = ShardWriter(shard)
     info = make(writer)
@@ -275,3 +289,56 @@ def build(shard: Shard, make: Callable[[ShardWriter], dict[str, Any]]) -> Built:
     if local:
         _fsync_dir(io.local_path(shard.root))
     return Built(marker, built=True)
+
+
+# ----------------------------------------------------------------------------------------------------- orphans
+def sweep(root: str, committed: Sequence[tuple[Shard, dict[str, Any]]]) -> list[str]:
+    """Remove from the shard folder ``root`` every file that no marker in ``committed`` (each shard of a finished
+    plan with its marker) lists; returns the names removed.
+
+    ``root`` must hold shards only (the stores keep other files beside it, never in it). Call it once every shard
+    of the plan is committed: an output without a marker then belongs to no one (a killed build's temporary file,
+    a shard of an earlier plan with more shards). On ``s3://`` the multipart uploads under ``root`` that were never
+    completed (invisible, but billed) are aborted too.
+    """
+    keep: set[str] = set()
+    for shard, marker in committed:
+        keep.add(f"{shard.name}.{MARKER}")
+        keep.update(f"{shard.name}.{suffix}" for suffix in marker["files"])
+    removed: list[str] = []
+    if io.is_local(root):
+        folder = io.local_path(root)
+        if folder.is_dir():
+            for path in sorted(folder.iterdir()):
+                if path.is_file() and path.name not in keep:
+                    path.unlink(missing_ok=True)
+                    removed.append(path.name)
+    else:
+        fs, prefix = fsspec.core.url_to_fs(root)
+        prefix = prefix.rstrip("/")
+        names = io.retrying(lambda: [p.rsplit("/", 1)[-1] for p in fs.ls(prefix, detail=False, refresh=True)
+                                     if fs.isfile(p)] if fs.exists(prefix) else [], root, "list shards")
+        for name in sorted(set(names) - keep):
+            io.remove(io.join(root, name))
+            removed.append(name)
+        removed += [f"(multipart upload) {key}" for key in _abort_uploads(fs, prefix)]
+    if removed:
+        log.info("removed %d orphaned file(s) from %s: %s", len(removed), root, ", ".join(removed[:10]))
+    return removed
+
+
+def _abort_uploads(fs: Any, prefix: str) -> list[str]:
+    """Abort the incomplete multipart uploads under ``bucket/prefix`` (s3fs); their keys."""
+    call = getattr(fs, "call_s3", None)
+    if call is None:  # not S3
+        return []
+    bucket, _, key_prefix = prefix.partition("/")
+    listing = io.retrying(lambda: call("list_multipart_uploads", Bucket=bucket, Prefix=key_prefix + "/"),
+                          f"s3://{prefix}", "list multipart uploads")
+    aborted = []
+    for upload in listing.get("Uploads", []):
+        io.retrying(lambda u=upload: call("abort_multipart_upload", Bucket=bucket, Key=u["Key"],
+                                          UploadId=u["UploadId"]), f"s3://{bucket}/{upload['Key']}",
+                    "abort multipart upload")
+        aborted.append(upload["Key"])
+    return aborted

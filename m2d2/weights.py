@@ -51,7 +51,7 @@ def local_copy(src: str | os.PathLike) -> Iterator[Path]:
     with tempfile.TemporaryDirectory() as tmp:
         fs, remote = fsspec.core.url_to_fs(str(src))
         path = Path(tmp) / Path(remote).name
-        fs.get(remote, str(path))
+        io.retrying(lambda: fs.get(remote, str(path)), str(src), "download")
         yield path
 
 

@@ -1,5 +1,5 @@
 """Helpers shared by the unit and integration tests (``from tests.helpers import tiny_config``): tiny configs built
-from the same classes as the presets, a moto S3 server, a server process (``mlflow server``) and the environment of
+from the same classes as the presets, a moto S3 server and a fault-injecting proxy for it, a server process (``mlflow server``) and the environment of
 a child process. Fixtures stay in
 the conftest.py files. The offline environment (HF_HUB_OFFLINE ...) is set by ``tests/__init__.py``."""
 
@@ -55,6 +55,123 @@ def moto_s3(bucket: str) -> Iterator[str]:
         yield endpoint
     finally:
         server.stop()
+
+
+class FaultyProxy:
+    """An HTTP proxy in front of an S3 endpoint that fails every ``every``-th request (0: none), in turn with a
+    500 InternalError, a 503 SlowDown or a reset connection (RST, nothing answered), and counts what it did.
+
+    A failed request never reaches the store: what a client sees is what S3 does when it throttles or a front end
+    fails. Requests are otherwise forwarded as they are (headers, body, status), one connection each.
+    """
+
+    KINDS = ("500", "503", "reset")
+    _HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection",
+            "expect"}
+
+    def __init__(self, upstream: str, every: int = 0):
+        import http.server
+        import threading
+        from collections import Counter
+        from urllib.parse import urlsplit
+
+        self.every = every
+        self.requests = 0
+        self.injected: Counter[str] = Counter()
+        self.log: list[tuple[str, str, str | None]] = []  # (method, path, fault kind or None) of every request
+        self._lock = threading.Lock()
+        target = urlsplit(upstream)
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    parts = []
+                    while size := int(self.rfile.readline().split(b";")[0], 16):
+                        parts.append(self.rfile.read(size))
+                        self.rfile.readline()
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
+                        pass
+                    return b"".join(parts)
+                length = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(length) if length else b""
+
+            def _handle(self) -> None:
+                import http.client
+                import struct
+
+                body = self._body()
+                fault = proxy._next_fault(self.command, self.path)
+                if fault == "reset":
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.close_connection = True
+                    return
+                if fault is not None:
+                    status, code, message = ((500, "InternalError", "We encountered an internal error.")
+                                             if fault == "500" else (503, "SlowDown", "Please reduce your request rate."))
+                    payload = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{message}'
+                               f"</Message><RequestId>fault-{proxy.requests}</RequestId></Error>").encode()
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(payload)
+                    return
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in proxy._HOP}
+                if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+                    headers["Content-Length"] = str(len(body))
+                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
+                try:
+                    conn.request(self.command, self.path, body=body if body or "Content-Length" in headers else None,
+                                 headers=headers)
+                    response = conn.getresponse()
+                    data = response.read()
+                finally:
+                    conn.close()
+                self.send_response(response.status, response.reason)
+                for key, value in response.getheaders():
+                    if key.lower() not in proxy._HOP and (key.lower() != "content-length" or self.command == "HEAD"):
+                        self.send_header(key, value)
+                if self.command != "HEAD":
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def _next_fault(self, method: str, path: str) -> str | None:
+        with self._lock:
+            self.requests += 1
+            kind = None
+            if self.every and not self.requests % self.every:
+                kind = self.KINDS[sum(self.injected.values()) % len(self.KINDS)]
+                self.injected[kind] += 1
+            self.log.append((method, path, kind))
+            return kind
+
+    def unretried(self, since: int = 0) -> list[tuple[str, str, str]]:
+        """Faults (from request number ``since`` on) after which the same request (method and path) never came
+        again: no one retried them (the HTTP client, the SDK or the caller)."""
+        log = self.log[since:]
+        return [(method, path, kind) for i, (method, path, kind) in enumerate(log)
+                if kind is not None and not any(m == method and p == path for m, p, _ in log[i + 1:])]
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
 
 
 def tiny_config(text_dim: int = 48, input_frames: int = 64, feature_grad_scale: float = 1.0) -> M2D2Config:

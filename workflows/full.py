@@ -227,7 +227,7 @@ def feature_shard(ref: ShardRef) -> str:
 
     from m2d2.pipeline import build_feature_shard
 
-    return json.dumps(build_feature_shard(ref))
+    return json.dumps(_recoverable(build_feature_shard, ref))
 
 
 @cpu_task("small", cache=Cache(version="features-5", ignored_inputs=TRACKING))
@@ -235,7 +235,7 @@ def finish_features(shards: list[ShardRef], built: list[str], parent_run_id: str
     from m2d2.pipeline import finish_features
     from m2d2.shards import plan_of
 
-    out, run_id = finish_features(plan_of(shards), parent_run_id or None)
+    out, run_id = _recoverable(finish_features, plan_of(shards), parent_run_id or None)
     return Artifact(path=_out(out), mlflow_run_id=run_id or "")
 
 
@@ -259,7 +259,7 @@ def _embed_task(**kwargs):
 def caption_shard(ref: ShardRef) -> int:
     from m2d2.pipeline import embed_caption_shard
 
-    return embed_caption_shard(ref)
+    return _recoverable(embed_caption_shard, ref)
 
 
 @cpu_task("small", cache=Cache(version="embed-4", ignored_inputs=TRACKING))
@@ -267,7 +267,7 @@ def finish_captions(shards: list[ShardRef], embedded: list[int], parent_run_id: 
     from m2d2.pipeline import finish_captions
     from m2d2.shards import plan_of
 
-    out, run_id = finish_captions(plan_of(shards), parent_run_id or None)
+    out, run_id = _recoverable(finish_captions, plan_of(shards), parent_run_id or None)
     return Artifact(path=_out(out.parent), mlflow_run_id=run_id or "")
 
 
@@ -281,15 +281,17 @@ def check_views(settings: dict[str, ViewSettings], workspace: str, features: Art
     return _artifact(views_step(settings, root_of(workspace), _step(features), parent_run_id or None))
 
 
-def _train(fn, *args, **kwargs):
-    """Run a stage; failures worth a retry (lost peer, collective timeout, storage) become Flyte-retryable."""
+def _recoverable(fn, *args, **kwargs):
+    """Run a step; failures worth a retry (lost peer, collective timeout, an object store that kept failing) become
+    Flyte-retryable, so they use the task's retries and not its budget of user errors."""
     from flytekit.exceptions.user import FlyteRecoverableException
 
+    from m2d2.io import StorageError
     from m2d2.train.engine import RecoverableTrainingError
 
     try:
         return fn(*args, **kwargs)
-    except RecoverableTrainingError as exc:
+    except (RecoverableTrainingError, StorageError) as exc:
         raise FlyteRecoverableException(str(exc)) from exc
 
 
@@ -331,7 +333,7 @@ def _run_stage(name: str, section: TrainStageConfig, trains: bool, workspace: st
     from m2d2.pipeline.registry import stage
     from m2d2.pipeline.runner import run_stage
 
-    return _artifact(_train(run_stage, stage(name), section, workspace, _local(features.path), _step(source),
+    return _artifact(_recoverable(run_stage, stage(name), section, workspace, _local(features.path), _step(source),
                             parent_run_id or None, run_key, trains))
 
 

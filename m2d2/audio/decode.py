@@ -369,7 +369,10 @@ def decode_audio(source: AudioSource, target_sr: int = 16000, max_seconds: float
         if container:
             raise AudioDecodeError(f"cannot decode audio {name}: {container} is not supported by libsndfile; "
                                    "convert it to FLAC or WAV", UNSUPPORTED) from exc
-        raise AudioDecodeError(f"cannot decode audio {name}: {exc}", CORRUPT) from exc
+        # soundfile names an in-memory input by its repr (an address): name it as the caller did, so the same
+        # bytes always give the same reason (quarantine tables are compared across runs)
+        reason = str(exc) if isinstance(target, str) else str(exc).replace(repr(target), repr(name))
+        raise AudioDecodeError(f"cannot decode audio {name}: {reason}", CORRUPT) from exc
     with handle:
         sample_rate, channels, declared = int(handle.samplerate), int(handle.channels), int(handle.frames)
         if not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:

@@ -12,6 +12,11 @@ by every DataLoader worker and every rank on the node (a file lock makes one pro
 are named by their sha256 (from ``_COMPLETE.json``) and verified on download, so a cache can never serve bytes of
 another store or version. The cache needs local disk for the split's shards (``M2D2_CACHE_DIR``, default
 ``~/.cache/m2d2/shards``).
+
+**Never train on damaged bytes.** A process that opens a split checks every shard it will read against the sha256
+in ``_COMPLETE.json`` once (hashing runs on several threads at disk speed; DataLoader workers inherit the result):
+a damaged cached copy is removed and fetched again, a damaged shard of a local store raises
+:class:`m2d2.shards.ShardCorruptError` (running the features step again rebuilds it).
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from m2d2.data.shards import (
     finish_store,
     plan_store,
 )
+from m2d2.shards import ShardCorruptError, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +137,9 @@ def _cached(root: Path, sha256: str, size: int) -> Path | None:
 
 
 def fetch_shards(shards: Sequence[tuple[str, str, int]], cache_dir: str | Path | None = None,
-                 concurrency: int = 8) -> list[Path]:
-    """Local copies of shard objects ``(uri, sha256, bytes)`` in the cache, downloaded once per node.
+                 concurrency: int = 8, verify: bool = True) -> list[Path]:
+    """Local copies of shard objects ``(uri, sha256, bytes)`` in the cache, downloaded once per node; with
+    ``verify`` a copy already in the cache is re-hashed first and fetched again if it was damaged.
 
     Missing shards are fetched as ranged GETs of 16 MB, ``concurrency`` at a time across all of them (one stream
     per object is far below what S3 serves), written in place, then verified against the store's sha256 before
@@ -143,8 +150,17 @@ def fetch_shards(shards: Sequence[tuple[str, str, int]], cache_dir: str | Path |
     root.mkdir(parents=True, exist_ok=True)
     for _, sha, _ in shards:  # cache file names come from the store's marker files: outside input
         io.check_token(sha, "shard sha256", io.SHA256_HEX)
-    todo = sorted({(uri, sha, size) for uri, sha, size in shards if _cached(root, sha, size) is None},
-                  key=lambda item: item[1])
+    wanted = sorted(set(shards), key=lambda item: item[1])
+    hits = [item for item in wanted if _cached(root, item[1], item[2]) is not None]
+    if verify and hits:  # a copy that was damaged on this disk after its download is fetched again
+        with ThreadPoolExecutor(max_workers=min(max(1, concurrency), len(hits))) as pool:
+            digests = list(pool.map(lambda item: file_sha256(root / f"{item[1]}.npy"), hits))
+        for (uri, sha, _), digest in zip(hits, digests, strict=True):
+            if digest != sha:
+                log.warning("cached copy of %s is damaged (sha256 %s, expected %s): fetching it again", uri,
+                            digest[:12], sha[:12])
+                (root / f"{sha}.npy").unlink(missing_ok=True)
+    todo = [item for item in wanted if _cached(root, item[1], item[2]) is None]
     temps: dict[str, Path] = {}
     with contextlib.ExitStack() as locks:
         for _, sha, _ in todo:  # one global order: processes never wait on each other in a cycle
@@ -162,7 +178,7 @@ def fetch_shards(shards: Sequence[tuple[str, str, int]], cache_dir: str | Path |
         def get(task: tuple[str, str, int, int]) -> None:
             uri, sha, start, end = task
             fs, path = fsspec.core.url_to_fs(uri)
-            data = fs.cat_file(path, start=start, end=end)
+            data = io.retrying(lambda: fs.cat_file(path, start=start, end=end), uri, f"read bytes [{start}, {end})")
             if len(data) != end - start:
                 raise OSError(f"shard {uri} does not match the store's {COMPLETE_FILE}: got {len(data)} bytes for "
                               f"range [{start}, {end}); the store changed while it was read")
@@ -186,9 +202,9 @@ def fetch_shards(shards: Sequence[tuple[str, str, int]], cache_dir: str | Path |
     return [root / f"{sha}.npy" for _, sha, _ in shards]
 
 
-def fetch_shard(uri: str, sha256: str, size: int, cache_dir: str | Path | None = None) -> Path:
+def fetch_shard(uri: str, sha256: str, size: int, cache_dir: str | Path | None = None, verify: bool = True) -> Path:
     """Local copy of one shard object (see :func:`fetch_shards`)."""
-    return fetch_shards([(uri, sha256, size)], cache_dir, concurrency=4)[0]
+    return fetch_shards([(uri, sha256, size)], cache_dir, concurrency=4, verify=verify)[0]
 
 
 class _Column(Sequence):
@@ -232,12 +248,13 @@ class LogMelStore(Sequence):
 
     ``feature_dir`` is a local directory or an ``s3://`` prefix; remote shards are fetched into ``cache_dir``
     (see the module docstring), all of the split's shards up front when ``prefetch`` (the default: training
-    touches every shard in its first steps anyway), else on first use. The store pickles without its memory
-    maps, so DataLoader workers re-open them lazily.
+    touches every shard in its first steps anyway), else on first use. Every shard is checked against its sha256
+    once per process before it is read (``verify``; up front with ``prefetch``). The store pickles without its
+    memory maps but with what it verified, so DataLoader workers re-open the maps lazily and hash nothing again.
     """
 
     def __init__(self, feature_dir: str | Path, split: str, cache_dir: str | Path | None = None,
-                 prefetch: bool = True, progress: bool = True):
+                 prefetch: bool = True, progress: bool = True, verify: bool = True):
         self.uri = str(feature_dir)
         self.split = split
         self.remote = not io.is_local(self.uri)
@@ -262,7 +279,9 @@ class LogMelStore(Sequence):
         self._offsets = index.column("offset").to_numpy().astype(np.int64)
         self._frames = index.column("frames").to_numpy().astype(np.int64)
         self._arrays: dict[int, np.ndarray] = {}
-        if self.remote and prefetch:
+        self._verify = verify
+        self._ready: set[int] = set()  # shards this process (or its parent) fetched and, with verify, checked
+        if prefetch:
             self.prefetch(progress=progress)
 
     # ------------------------------------------------------------------------------------------------ shards
@@ -274,19 +293,50 @@ class LogMelStore(Sequence):
         return io.join(self.uri, *meta["file"].split("/")), meta["sha256"], int(meta["bytes"])
 
     def _shard_path(self, k: int) -> Path:
+        """The local file of shard ``k``, checked against its sha256 if this process has not done so yet."""
         if not self.remote:
-            return io.local_path(io.join(self.uri, *self._shards[k]["file"].split("/")))
-        return fetch_shard(*self._remote(k), self._cache_dir)
+            path = io.local_path(io.join(self.uri, *self._shards[k]["file"].split("/")))
+            if self._verify and k not in self._ready:
+                self._check_local(k, path)
+            return path
+        uri, sha, size = self._remote(k)
+        cached = _cache_dir(self._cache_dir) / f"{sha}.npy"
+        if k in self._ready and cached.is_file():
+            return cached
+        path = fetch_shard(uri, sha, size, self._cache_dir, verify=self._verify)
+        self._ready.add(k)
+        return path
+
+    def _check_local(self, k: int, path: Path) -> None:
+        expected = self._shards[k]["sha256"]
+        try:
+            digest = file_sha256(path)
+        except FileNotFoundError:
+            raise ShardCorruptError(f"shard {k} of {self.uri} ({path}) is missing; run the features step again to "
+                                    "rebuild it") from None
+        if digest != expected:
+            raise ShardCorruptError(f"shard {k} of {self.uri} ({path}) has sha256 {digest[:12]}, but "
+                                    f"{COMPLETE_FILE} recorded {expected[:12]}: its bytes were damaged after it was "
+                                    "written. Run the features step again: it rebuilds exactly the damaged shards")
+        self._ready.add(k)
 
     def prefetch(self, concurrency: int = 8, progress: bool = True) -> None:
-        """Fetch every shard of the split into the local cache (no-op for a local store)."""
-        if not self.remote:
+        """Make every shard of the split ready to read: fetched into the local cache (remote store) and checked
+        against its sha256 (``verify``), ``concurrency`` at a time."""
+        ids = [k for k in self.shard_ids() if k not in self._ready]
+        if not ids:
             return
-        shards = [self._remote(k) for k in self.shard_ids()]
+        if not self.remote:
+            if self._verify:
+                with ThreadPoolExecutor(max_workers=min(concurrency, len(ids))) as pool:
+                    list(pool.map(lambda k: self._shard_path(k), ids))
+            return
+        shards = [self._remote(k) for k in ids]
         if progress:
             log.info("fetching %d shards (%.1f GB) of %s into the cache", len(shards),
                      sum(s[2] for s in shards) / 2**30, self.uri)
-        fetch_shards(shards, self._cache_dir, concurrency)
+        fetch_shards(shards, self._cache_dir, concurrency, verify=self._verify)
+        self._ready.update(ids)
 
     def _array(self, k: int) -> np.ndarray:
         array = self._arrays.get(k)

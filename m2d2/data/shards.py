@@ -64,7 +64,7 @@ from m2d2.audio.stats import Moments as _Moments
 from m2d2.audio.stats import crop_generator, norm_draws
 from m2d2.audio.stats import crop_moments as _crop_moments
 from m2d2.data.manifest import AudioAccess, resolve_audio_uri, validate_manifest
-from m2d2.shards import Shard, ShardRef, ShardWriter, build, delete, npy_header, read_markers, shard_refs
+from m2d2.shards import Shard, ShardRef, ShardWriter, build, npy_header, read_markers, shard_refs, sweep
 
 log = logging.getLogger(__name__)
 
@@ -349,6 +349,10 @@ def plan_store(manifest: str, store: str, audio_root: str | None = None, config:
 
 def _manifest_rows(plan: ShardPlan, spec: ShardSpec) -> list[dict[str, Any]]:
     """The rows of ``spec`` (only its split), reading just the Parquet row groups that hold them."""
+    return io.retrying(lambda: _read_manifest_rows(plan, spec), plan.manifest_uri, f"read shard {spec.index}'s rows")
+
+
+def _read_manifest_rows(plan: ShardPlan, spec: ShardSpec) -> list[dict[str, Any]]:
     fs, path = fsspec.core.url_to_fs(plan.manifest_uri)
     if fs.size(path) != plan.manifest_bytes:
         raise RuntimeError(f"manifest {plan.manifest_uri} changed since the shards were planned; plan again")
@@ -406,7 +410,7 @@ def _make_shard(plan: ShardPlan, k: int, out: ShardWriter, progress: bool) -> di
     spec = plan.shards[k]
     cfg = plan.config
     started = time.perf_counter()
-    delete(io.join(plan.store_uri, COMPLETE_FILE))
+    io.remove(io.join(plan.store_uri, COMPLETE_FILE))
     rows = _manifest_rows(plan, spec)
     allocation = _norm_allocation(cfg, plan.split_sizes, spec)
     frontend = LogMelSpectrogram()
@@ -436,6 +440,8 @@ def _make_shard(plan: ShardPlan, k: int, out: ShardWriter, progress: bool) -> di
         except FileNotFoundError:
             reject(j, "missing", f"audio file not found: {uri}")
             continue
+        except io.StorageError:  # the store kept failing: the clip is fine, the shard is not built (retry it)
+            raise
         except OSError as exc:
             reject(j, "unreadable", f"cannot read {uri}: {type(exc).__name__}: {exc}")
             continue
@@ -504,21 +510,26 @@ def finish_store(plan: ShardPlan) -> StoreReport:
     """Merge the committed shards into per-split indexes, the quarantine table and ``stats.json``; write
     ``_COMPLETE.json`` last; the store's report (normalisation statistics, counts).
 
-    Idempotent. Raises :class:`IncompleteStoreError` naming uncommitted shards, and ``ValueError`` when the plan
-    has a training split but no training clip could be decoded.
+    Idempotent. Once every shard is committed, the shard folder is swept of files no marker lists (see
+    :func:`m2d2.shards.sweep`). Raises :class:`IncompleteStoreError` naming uncommitted shards, and ``ValueError``
+    when the plan has a training split but no training clip could be decoded.
     """
     store = plan.store_uri
+    shards = [plan.shard(k) for k in range(len(plan))]
     done = _read_json(io.join(store, COMPLETE_FILE))
     if done is not None and done.get("plan") == plan.fingerprint():
         report = StoreReport.from_stats(_read_json(io.join(store, STATS_FILE)) or {})
+        markers = read_markers(shards, check_files=False)
     else:
-        markers = read_markers([plan.shard(k) for k in range(len(plan))])
+        markers = read_markers(shards)
         missing = [k for k, m in enumerate(markers) if m is None]
         if missing:
             raise IncompleteStoreError(f"{len(missing)} of {len(plan)} shards of {store} are not committed "
                                        f"(e.g. {missing[:10]}); run build_shard(plan, k) for them")
         report = _finalize(store, [_entry(m) for m in markers], plan.split_sizes, plan.fingerprint(), plan.config,
                            {"manifest": plan.manifest_uri, "manifest_sha256": plan.manifest_sha256})
+    if all(m is not None for m in markers):  # every shard committed: what no marker lists belongs to no one
+        sweep(io.join(store, SHARD_DIR), list(zip(shards, markers, strict=True)))
     log.info("feature store %s: %d shards, clips %s, %d quarantined", store, len(plan), report.counts,
              report.quarantined)
     if NORM_SPLIT in plan.split_sizes and not report.counts.get(NORM_SPLIT):
@@ -644,7 +655,7 @@ def import_logmels(store: str, splits: dict[str, Sequence[LogMelClip]], config: 
             }, sort_keys=True).encode()).hexdigest()
 
             def make(out: ShardWriter, data=data, index=index, info=info) -> dict[str, Any]:
-                delete(io.join(store, COMPLETE_FILE))
+                io.remove(io.join(store, COMPLETE_FILE))
                 _write_shard(out, data, index, [])
                 return info
 

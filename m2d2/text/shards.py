@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 
 from m2d2 import io
 from m2d2.models.config import OfflineTextConfig
-from m2d2.shards import Shard, ShardWriter, build, delete_tree, npy_header, read_markers
+from m2d2.shards import Shard, ShardCorruptError, ShardWriter, build, npy_header, read_markers
 from m2d2.text.encoders import RemoteCodePolicy
 from m2d2.text.index import KEY, matrix_name, npy_layout, write_index
 from m2d2.text.keys import NORMALIZATION, unique_captions
@@ -355,7 +355,7 @@ def merge_shards(plan: ShardPlan, workdir: str | Path, out_path: str | Path) -> 
             out.write(header)
             whole.update(header)
             for k, (shard, marker) in enumerate(zip(shards, markers, strict=True)):  # contiguous rows, in order
-                _copy_vectors(plan, k, shard, marker["files"][VECTORS]["sha256"], out, whole)
+                whole = _copy_shard(plan, k, shard, marker["files"][VECTORS]["sha256"], out, whole)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, matrix)
@@ -375,6 +375,26 @@ def merge_shards(plan: ShardPlan, workdir: str | Path, out_path: str | Path) -> 
     return plan.rows
 
 
+def _copy_shard(plan: ShardPlan, k: int, shard: Shard, sha256: str, out: Any, whole: Any) -> Any:
+    """:func:`_copy_vectors`, retried from the shard's first byte on a transient store fault (``out`` and the
+    running hash ``whole`` are rewound); returns the hash. A shard whose bytes do not match its marker loses the
+    marker, so running the embedding step again rebuilds it, and raises :class:`ShardCorruptError`."""
+    position, before = out.tell(), whole.copy()
+
+    def copy() -> Any:
+        out.seek(position)
+        out.truncate()
+        running = before.copy()
+        _copy_vectors(plan, k, shard, sha256, out, running)
+        return running
+
+    try:
+        return io.retrying(copy, shard.uri(VECTORS), "copy caption shard")
+    except ShardCorruptError:
+        io.remove(shard.marker_uri)
+        raise
+
+
 def _copy_vectors(plan: ShardPlan, k: int, shard: Shard, sha256: str, out: Any, whole: Any) -> None:
     """Append shard ``k``'s vectors (its data, not its header) to ``out``, checking its header and sha256."""
     start, end = plan.shard_rows(k)
@@ -391,9 +411,11 @@ def _copy_vectors(plan: ShardPlan, k: int, shard: Shard, sha256: str, out: Any, 
             whole.update(chunk)
             out.write(chunk)
     if part.hexdigest() != sha256:
-        raise ValueError(f"caption shard {k} in {shard.root} does not match the hash in its marker")
+        raise ShardCorruptError(f"caption shard {k} in {shard.root} does not match the sha256 in its marker: its "
+                                "bytes were damaged after it was written; its marker is removed, run the embedding "
+                                "step again to rebuild it")
 
 
 def remove_workdir(workdir: str | Path) -> None:
     """Remove a work directory (local or ``s3://``) and its shards."""
-    delete_tree(str(workdir))
+    io.remove_tree(str(workdir))

@@ -45,7 +45,7 @@ from m2d2 import io
 log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
-_STEP = re.compile(r"step-(\d{9})$")
+_STEP = re.compile(r"step-(\d{9})")
 
 
 class CheckpointCorruptError(ValueError):
@@ -103,17 +103,29 @@ class CheckpointManager:
         return io.join(self.root, f"step-{step:09d}")
 
     def _steps(self) -> tuple[list[int], list[int]]:
-        """(complete, incomplete) step numbers, oldest first."""
+        """(complete, incomplete) step numbers, oldest first, from one recursive listing (one request per 1000
+        keys on an object store), retried whole on a transient fault: a listing that failed half-way must never
+        make a complete checkpoint look incomplete."""
         fs, path = fsspec.core.url_to_fs(self.root)
-        if not fs.exists(path):
-            return [], []
-        complete, incomplete = [], []
-        for entry in fs.ls(path, detail=False):
-            match = _STEP.search(entry.rstrip("/"))
-            if match:
-                done = fs.exists(f"{entry.rstrip('/')}/{COMPLETE}")
-                (complete if done else incomplete).append(int(match.group(1)))
-        return sorted(complete), sorted(incomplete)
+        path = path.rstrip("/")
+
+        def listing() -> tuple[list[int], list[int]]:
+            fs.invalidate_cache(path)
+            try:
+                entries = fs.find(path, withdirs=True)
+            except FileNotFoundError:
+                return [], []
+            steps, complete = set(), set()
+            for entry in entries:
+                parts = entry[len(path):].strip("/").split("/")
+                match = _STEP.fullmatch(parts[0])
+                if match and entry.startswith(path + "/"):
+                    steps.add(int(match.group(1)))
+                    if parts[1:] == [COMPLETE]:
+                        complete.add(int(match.group(1)))
+            return sorted(complete), sorted(steps - complete)
+
+        return io.retrying(listing, self.root, "list checkpoints")
 
     def complete_steps(self) -> list[int]:
         """Steps with a commit marker, oldest first."""
@@ -159,11 +171,9 @@ class CheckpointManager:
         complete, incomplete = self._steps()
         if not complete:
             return []
-        fs, _ = fsspec.core.url_to_fs(self.root)
         removed = [step for step in incomplete if step < complete[-1]]
         for step in removed:
-            _, path = fsspec.core.url_to_fs(self.step_uri(step))
-            fs.rm(path, recursive=True)
+            io.remove_tree(self.step_uri(step))
             log.info("removed incomplete checkpoint directory of step %d", step)
         return removed
 
@@ -186,12 +196,15 @@ class CheckpointManager:
                 self._write(uri, "meta.json", meta_bytes)
         except OSError as exc:
             self._discard(step)
-            previous = self.latest()
+            try:
+                previous = self.latest()
+                held = f"step {previous}" if previous is not None else "none"
+            except OSError:  # the store that failed the write may fail the listing too
+                held = "whichever is the newest"
             raise CheckpointWriteError(
                 exc.errno or errno.EIO,
                 f"checkpoint step {step} could not be written to {uri} ({exc.strerror or exc}); its partial files "
-                f"were removed and the previous checkpoint ({'step ' + str(previous) if previous is not None else 'none'}) "
-                "is untouched") from exc
+                f"were removed and the previous checkpoint ({held}) is untouched") from exc
         _barrier()
         if rank == 0:
             files = {"model.safetensors": _digest(weights), "meta.json": _digest(meta_bytes)}
@@ -214,12 +227,12 @@ class CheckpointManager:
 
     def _discard(self, step: int) -> None:
         """Remove what a failed save of ``step`` wrote (best effort: the disk may still be full)."""
-        fs, path = fsspec.core.url_to_fs(self.step_uri(step))
+        uri = self.step_uri(step)
         try:
-            if fs.exists(path) and not fs.exists(f"{path}/{COMPLETE}"):
-                fs.rm(path, recursive=True)
+            if not io.exists(io.join(uri, COMPLETE)):
+                io.remove_tree(uri)
         except OSError as exc:
-            log.warning("could not remove the partial checkpoint %s: %s", path, exc)
+            log.warning("could not remove the partial checkpoint %s: %s", uri, exc)
 
     def load(self, step: int | None = None, rank: int = 0, world_size: int = 1) -> Checkpoint:
         step = self.latest() if step is None else step
@@ -247,10 +260,9 @@ class CheckpointManager:
         return load_tensor_bytes(self._read(step, f"rank-{rank:05d}.pt"), self.safe_globals, rank_file)
 
     def _prune(self) -> None:
-        fs, _ = fsspec.core.url_to_fs(self.root)
         for step in self.complete_steps()[: -self.keep_last]:
-            _, path = fsspec.core.url_to_fs(self.step_uri(step))
+            uri = self.step_uri(step)
             # Remove the marker first so a half-deleted directory is never taken for a complete checkpoint.
-            fs.rm(f"{path}/{COMPLETE}")
-            fs.rm(path, recursive=True)
+            io.remove(io.join(uri, COMPLETE))
+            io.remove_tree(uri)
             log.info("pruned checkpoint step %d", step)

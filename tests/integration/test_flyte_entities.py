@@ -134,3 +134,25 @@ def test_every_registered_stage_has_its_flyte_task_and_the_workflow_walks_the_re
     assert list(wf.STAGE_TASKS) == [s.name for s in STAGES]
     nodes = [n.metadata.name for n in wf.full.nodes]
     assert all(any(n.endswith(wf.STAGE_TASKS[s.name].name.rsplit(".", 1)[-1]) for n in nodes) for s in STAGES)
+
+
+def test_storage_and_training_failures_worth_a_retry_become_flyte_recoverable():
+    """An object store that kept failing (m2d2.io.StorageError) or a lost peer reaches Flyte as recoverable, so the
+    task's retries handle it; a bad input stays a user error."""
+    from flytekit.exceptions.user import FlyteRecoverableException
+
+    import workflows.full as wf
+    from m2d2.io import StorageError
+    from m2d2.train.engine import RecoverableTrainingError
+
+    def fails(exc: BaseException):
+        raise exc
+
+    store = StorageError("s3://bucket/features/shards/shard-00003.npy", "upload", 8, 61.0, OSError("SlowDown"))
+    with pytest.raises(FlyteRecoverableException, match=r"shard-00003\.npy: upload failed 8 times"):
+        wf._recoverable(fails, store)
+    with pytest.raises(FlyteRecoverableException, match="peer lost"):
+        wf._recoverable(fails, RecoverableTrainingError("peer lost"))
+    with pytest.raises(ValueError, match="bad manifest"):
+        wf._recoverable(fails, ValueError("bad manifest"))
+    assert wf._recoverable(lambda x: x + 1, 1) == 2

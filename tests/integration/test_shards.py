@@ -95,6 +95,12 @@ def test_s3_shard_cache_is_verified_and_shared(s3, local_store, tmp_path):
     files[0].unlink()  # (a new inode: the maps of the stores above keep the old one, as a re-fetch's rename does)
     files[0].write_bytes(b"partial")
     assert np.array_equal(LogMelStore(store, "eval", cache_dir=cache, progress=False)[0], again[0])
+    # A cached copy damaged in place (same size, other bytes) is re-hashed by the next process, fetched again.
+    good = files[0].read_bytes()
+    files[0].unlink()
+    files[0].write_bytes(good[:-1] + bytes([good[-1] ^ 0xFF]))
+    assert np.array_equal(LogMelStore(store, "eval", cache_dir=cache, progress=False)[0], again[0])
+    assert files[0].read_bytes() == good
     last_shard = json.loads(s3.cat("m2d2-data/features/copy/_COMPLETE.json"))["shards"][-1]
     last = last_shard["file"]
     original = s3.cat(f"m2d2-data/features/copy/{last}")

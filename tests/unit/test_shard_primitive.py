@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from m2d2 import io
-from m2d2 import shards as shards_module
 from m2d2.shards import (
     MARKER,
     Shard,
@@ -102,7 +101,7 @@ def test_a_marker_whose_outputs_changed_or_vanished_is_not_trusted(root):
     io.atomic_write_bytes(shard.uri("npy"), NPY[:-2])  # cut short
     assert read_marker(shard) is None and read_marker(shard, check_files=False) is not None
     build(shard, Job())
-    shards_module.delete(shard.uri("index.json"))
+    io.remove(shard.uri("index.json"))
     assert not is_committed(shard)
     build(shard, Job())
     io.atomic_write_bytes(shard.marker_uri, b"{not json")

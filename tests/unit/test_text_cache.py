@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from m2d2.models import OfflineTextConfig
-from m2d2.shards import is_committed
+from m2d2.shards import ShardCorruptError, is_committed
 from m2d2.text import OfflineTextEncoder
 from m2d2.text.cache import CaptionEmbeddings, caption_hash, default_workdir, embed_captions
 from m2d2.text.choice import choose_caption, clip_weights
@@ -181,8 +181,12 @@ def test_map_task_flow_in_any_order_and_merge_checks(toy, tmp_path):
     data = bytearray(vectors.read_bytes())
     data[-1] ^= 0xFF  # silent corruption after the marker was written
     vectors.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="does not match the hash"):
+    with pytest.raises(ShardCorruptError, match="does not match the sha256 in its marker.*embedding step again"):
         merge_shards(plan, work, tmp_path / "bad" / "captions.parquet")
+    assert not embed_shard(plan, 2, work).skipped  # the damaged shard is rebuilt, the others are not
+    assert all(embed_shard(plan, k, work).skipped for k in (0, 1, 3))
+    merge_shards(plan, work, tmp_path / "fixed" / "captions.parquet")
+    assert _files(tmp_path / "fixed" / "captions.parquet") == _files(reference)
     Path(plan.shard(work, 1).marker_uri).unlink()
     with pytest.raises(RuntimeError, match=r"1 of 4 caption shards are not complete.*\[1\]"):
         merge_shards(plan, work, tmp_path / "bad" / "captions.parquet")
