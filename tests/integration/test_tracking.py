@@ -224,12 +224,14 @@ def test_record_cache_hits(uri: str) -> None:
     assert "m2d2.evaluate.cache_hit" not in tags
 
 
-def test_a_tracking_outage_neither_stops_a_stage_nor_loses_its_history(tmp_path, monkeypatch, caplog):
-    """A real ``mlflow server`` stopped mid-stage and restarted (same port, same database): the stage logs on
-    without errors, a stage that starts during the outage trains anyway, and afterwards both runs hold their full
-    metric history with the original steps and timestamps."""
+def test_a_tracking_outage_neither_stops_a_stage_nor_loses_its_history(tmp_path, monkeypatch, caplog, smoke_data):
+    """A real ``mlflow server`` is stopped in the middle of a smoke stage-1 run (after its 3rd logged step) and
+    restarted, same port and database, 8 logged steps later; a second stage starts while it is away. Training goes
+    on without an error, and afterwards both runs hold their full metric history with the original steps and
+    timestamps."""
     import time
 
+    from m2d2.train.stages import run_stage1
     from tests.helpers import free_port, start_mlflow_server, stop_process_group
 
     port = free_port()
@@ -238,39 +240,52 @@ def test_a_tracking_outage_neither_stops_a_stage_nor_loses_its_history(tmp_path,
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
     monkeypatch.delenv("RANK", raising=False)
     parent = tracking.start_pipeline_run("outage-drill", experiment="outage")
-    first = StageRun(parent, "stage1", params={"lr": 0.1}, flush_every=5).start()
-    stamps = {}
-    for step in range(10):
-        first.log_metrics({"loss": 1.0 / (step + 1)}, step)
-    stop_process_group(server.proc)  # the server goes away mid-stage
-    outage = int(time.time() * 1000)  # MLflow timestamps are whole milliseconds
-    with caplog.at_level("WARNING"):
-        for step in range(10, 30):
-            first.log_metrics({"loss": 1.0 / (step + 1)}, step)  # flushes fail, quickly; nothing raises
-            stamps[step] = time.time() * 1000
-        second = StageRun(parent, "stage2", params={"lr": 0.2}, flush_every=5).start()  # starts during it
-        for step in range(8):
-            second.log_metrics({"loss": 2.0 / (step + 1)}, step)
-    assert second.run_id is None and "trains on and keeps its metrics" in caplog.text
-    server = start_mlflow_server(tmp_path, port)  # back, with the same database
-    server.wait_healthy()
+    drill = {"server": server, "logged": [], "during": {}, "second": None}
+    log_metrics = StageRun.log_metrics
+
+    def outage_at_the_third_step(self: StageRun, metrics, step: int) -> None:
+        log_metrics(self, metrics, step)
+        if self.stage != "stage1":
+            return
+        drill["logged"].append(step)
+        if len(drill["logged"]) == 3:  # the server goes away mid-stage
+            stop_process_group(drill["server"].proc)
+            drill["outage"] = int(time.time() * 1000)  # MLflow timestamps are whole milliseconds
+            second = StageRun(parent, "stage2", params={"lr": 0.2}, flush_every=5).start()  # starts during it
+            for k in range(8):
+                second.log_metrics({"loss": 2.0 / (k + 1)}, k)
+            drill["second"] = second
+        elif len(drill["logged"]) == 11:  # back, with the same database
+            drill["server"] = start_mlflow_server(tmp_path, port)
+            drill["server"].wait_healthy()
+        elif 3 < len(drill["logged"]) < 11:
+            drill["during"][step] = time.time() * 1000
+
+    monkeypatch.setattr(StageRun, "log_metrics", outage_at_the_third_step)
+    cfg, features, captions = smoke_data
+    stage = cfg.stages["stage1"].replace(schedule={"max_steps": 16, "global_batch": 4}, log_every=1)
     try:
-        for step in range(30, 35):
-            first.log_metrics({"loss": 1.0 / (step + 1)}, step)
-        first.end()
-        second.end()
-        client = MlflowClient(server.url)
-        history = client.get_metric_history(first.run_id, "loss")
-        assert sorted(m.step for m in history) == list(range(35))  # every step, none twice
-        during = [m for m in history if 10 <= m.step < 30]
-        assert all(outage <= m.timestamp <= stamps[m.step] for m in during)  # logged when they happened
-        assert [m.step for m in sorted(client.get_metric_history(second.run_id, "loss"), key=lambda m: m.step)] == \
+        with caplog.at_level("WARNING"):
+            out = run_stage1(stage, str(features), str(captions), str(tmp_path / "stage1"), parent_run_id=parent)
+        assert drill["second"].run_id is None and "trains on and keeps its metrics" in caplog.text
+        assert out.steps == 16 and len(drill["logged"]) == 16
+        drill["second"].end()
+        client = MlflowClient(drill["server"].url)
+        history = client.get_metric_history(out.mlflow_run_id, "loss")
+        assert sorted(m.step for m in history) == drill["logged"]  # every step, none twice
+        assert all(drill["outage"] <= m.timestamp <= drill["during"][m.step]  # logged when they happened
+                   for m in history if m.step in drill["during"])
+        second = drill["second"].run_id
+        assert [m.step for m in sorted(client.get_metric_history(second, "loss"), key=lambda m: m.step)] == \
             list(range(8))
-        assert client.get_run(second.run_id).data.params == {"lr": "0.2"}  # its params waited for its run
-        assert client.get_run(first.run_id).info.status == "FINISHED"
-        assert tracking.GAP_TAG not in client.get_run(first.run_id).data.tags
+        assert client.get_run(second).data.params == {"lr": "0.2"}  # its params waited for its run
+        run = client.get_run(out.mlflow_run_id)
+        assert run.info.status == "FINISHED" and tracking.GAP_TAG not in run.data.tags
+        assert "model/model.safetensors" in {f.path for f in client.list_artifacts(out.mlflow_run_id, "model")}
+        print(f"outage drill: {len(history)} of {len(drill['logged'])} loss values of stage 1 on the server, "
+              f"{len(drill['during'])} of them logged while it was away")
     finally:
-        stop_process_group(server.proc)
+        stop_process_group(drill["server"].proc)
 
 
 def test_a_server_that_never_comes_back_does_not_stop_the_stage(monkeypatch, caplog):
