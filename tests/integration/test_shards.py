@@ -60,7 +60,13 @@ def test_s3_crash_mid_shard_then_rerun_loses_nothing(s3, corpus, local_store, tm
         LogMelStore(store, "train", cache_dir=tmp_path / "cache")
     statuses = [build_shard(plan, k, progress=False).status for k in range(len(plan))]
     assert statuses[0] == "skipped" and statuses[1:] == ["built"] * (len(plan) - 1)
+    # Orphans a crash can leave in a bucket: an object no marker lists, and a multipart upload never completed.
+    s3.pipe("m2d2-data/features/run-1/shards/shard-00099.npy", b"a shard of an earlier, larger plan")
+    s3.call_s3("create_multipart_upload", Bucket="m2d2-data", Key="features/run-1/shards/shard-00001.npy")
     report = finish_store(plan)
+    assert not s3.exists("m2d2-data/features/run-1/shards/shard-00099.npy")
+    assert not s3.call_s3("list_multipart_uploads", Bucket="m2d2-data", Prefix="features/").get("Uploads")
+    assert s3.exists("m2d2-data/features/run-1/shards/shard-00001.npy")  # committed files stay
     assert report.norm_stats.mean == pytest.approx(stats.mean, rel=1e-12)  # same numbers as the local store
     remote, local = LogMelStore(store, "train", cache_dir=tmp_path / "cache"), LogMelStore(out, "train")
     assert list(remote.clip_ids) == list(local.clip_ids)
