@@ -23,14 +23,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 
-# Both tiers (tests/unit, tests/integration: pyproject's testpaths = ["tests"]), after the lint, with pytest-xdist:
-# whole files per worker (a module's server or smoke data is built once). One worker more than cores, at most 4:
-# many integration tests wait on child processes and servers, and the spare worker fills that idle CPU (2 cores:
-# 13 min 20 s of pytest with 3 workers against 14 min 49 s with 2, measured on the same tree; putting the longest
-# modules first made it worse, 17 min 47 s, as they then all compete for the cores at once).
-TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(min((os.cpu_count() or 1) + 1, 4))")
+# Both tiers (tests/unit, tests/integration: pyproject's testpaths = ["tests"]), after the lint, on one worker per
+# core (pytest-xdist, at most 4; whole files per worker, so a module's server or smoke data is built once). A spare
+# worker (3 on 2 cores) was tried: 13 min 20 s in one run, 16 min 6 s in the next, as the one-test pipeline modules
+# then compete for the cores; one per core gave 14 min 12 s and 14 min 49 s on the same tree.
 test: lint
-	$(PY) -m pytest -q --numprocesses=$(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q --numprocesses=auto --maxprocesses=4 --dist loadfile
 
 # The unit tier alone (in-process, no subprocesses or servers; <= 3 min on 2 cores): the quick loop while editing.
 test-fast: $(STAMP)
