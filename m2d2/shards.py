@@ -208,19 +208,13 @@ def read_marker(shard: Shard, check_files: bool = True) -> dict[str, Any] | None
     return marker
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a local file, read in blocks (hashing releases the GIL: threads hash files side by side)."""
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 def damaged_files(shard: Shard, marker: dict[str, Any]) -> list[str]:
     """The outputs of ``shard`` (suffixes) whose sha256 differs from what ``marker`` recorded (reads every byte)."""
     damaged = []
     for suffix, meta in sorted(marker["files"].items()):
         uri = shard.uri(suffix)
         try:
-            digest = file_sha256(io.local_path(uri)) if io.is_local(uri) else io.sha256_limited(uri, None)[0]
+            digest = io.sha256_limited(uri, None)[0]
         except FileNotFoundError:
             digest = None
         if digest != meta["sha256"]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import io as _io
 import json
 import logging
@@ -55,7 +54,7 @@ from m2d2.data.shards import (
     finish_store,
     plan_store,
 )
-from m2d2.shards import ShardCorruptError, file_sha256
+from m2d2.shards import ShardCorruptError
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +153,7 @@ def fetch_shards(shards: Sequence[tuple[str, str, int]], cache_dir: str | Path |
     hits = [item for item in wanted if _cached(root, item[1], item[2]) is not None]
     if verify and hits:  # a copy that was damaged on this disk after its download is fetched again
         with ThreadPoolExecutor(max_workers=min(max(1, concurrency), len(hits))) as pool:
-            digests = list(pool.map(lambda item: file_sha256(root / f"{item[1]}.npy"), hits))
+            digests = list(pool.map(lambda item: io.sha256_limited(root / f"{item[1]}.npy", None)[0], hits))
         for (uri, sha, _), digest in zip(hits, digests, strict=True):
             if digest != sha:
                 log.warning("cached copy of %s is damaged (sha256 %s, expected %s): fetching it again", uri,
@@ -191,12 +190,9 @@ def fetch_shards(shards: Sequence[tuple[str, str, int]], cache_dir: str | Path |
         with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
             list(pool.map(get, ranges))
         for uri, sha, _ in todo:
-            digest = hashlib.sha256()
-            with open(temps[sha], "rb") as handle:
-                while chunk := handle.read(_CHUNK):
-                    digest.update(chunk)
-            if digest.hexdigest() != sha:
-                raise OSError(f"shard {uri} does not match the store's {COMPLETE_FILE} (sha256 {digest.hexdigest()},"
+            digest = io.sha256_limited(temps[sha], None, _CHUNK)[0]
+            if digest != sha:
+                raise OSError(f"shard {uri} does not match the store's {COMPLETE_FILE} (sha256 {digest},"
                               f" expected {sha}): the store changed while it was read")
             os.replace(temps[sha], root / f"{sha}.npy")
     return [root / f"{sha}.npy" for _, sha, _ in shards]
@@ -310,7 +306,7 @@ class LogMelStore(Sequence):
     def _check_local(self, k: int, path: Path) -> None:
         expected = self._shards[k]["sha256"]
         try:
-            digest = file_sha256(path)
+            digest = io.sha256_limited(path, None)[0]
         except FileNotFoundError:
             raise ShardCorruptError(f"shard {k} of {self.uri} ({path}) is missing; run the features step again to "
                                     "rebuild it") from None
